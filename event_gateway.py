@@ -308,6 +308,11 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(number):
+    # A JSON integer is always finite (and may be too large for math.isfinite); 1e400 is inf.
+    return isinstance(number, int) or math.isfinite(number)
+
+
 def _is_blank(value):
     """SPEC §2.11: absent, null, or a string empty after trimming counts as missing."""
     return value is None or (isinstance(value, str) and not value.strip())
@@ -434,7 +439,7 @@ def check_severity(value):
 def _unix_seconds(field, value, code):
     if not _is_number(value):
         raise GatewayError(code, _must_be(field, "a number of Unix seconds"))
-    if not math.isfinite(value):
+    if not _is_finite(value):
         raise GatewayError(code, _must_be(field, "a finite number of Unix seconds"))
     if value < 0:
         raise GatewayError(code, _must_be(field, "Unix seconds, not negative"))
@@ -489,7 +494,7 @@ def check_images(value):
 
 def _is_scalar(value):
     """A JSON string, bool or finite number."""
-    return isinstance(value, (str, bool)) or (_is_number(value) and math.isfinite(value))
+    return isinstance(value, (str, bool)) or (_is_number(value) and _is_finite(value))
 
 
 def _check_attrs_entry(key, value, inner):
@@ -1359,7 +1364,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         error_code = _SHELL_ERROR_CODES.get(code, "bad_request")
         self.close_connection = True
         self._send(self.server.gateway.refuse(error_code, _SHELL_MESSAGES[error_code],
-                                              self.command or "-", self.path or "-"))
+                                              self.command or "-", getattr(self, "path", "-")))
 
     def _send(self, response):
         """The whole response in one write."""

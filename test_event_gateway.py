@@ -1,0 +1,1544 @@
+"""Tests for event_gateway.py, in the order of SPEC.md's sections.
+
+Most tests call the sans-I/O core (EventGateway.handle) directly; the tests
+under "HTTP shell" and "Command line" use real sockets on ephemeral ports.
+
+Run: python -m pytest -q
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import event_gateway as eg
+
+CHANNEL = eg.EXAMPLE_CHANNEL_ID
+PASSWORD = eg.EXAMPLE_CHANNEL_PASSWORD
+JSON_HEADERS = {"Content-Type": "application/json"}
+DROP = object()          # in valid_body(**changes): remove this key
+HEX32 = re.compile(r"[0-9a-f]{32}")
+T0 = 1713750000          # the page's event_time
+
+
+def crockford(number):
+    """The canonical channel id of a 128-bit number (two zero bits pad it to 130)."""
+    value = number << 2
+    return "".join(eg.CROCKFORD_ALPHABET[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+# Two more channels, to reach the password limits with a 200.
+CHANNEL_8 = crockford(8)
+CHANNEL_128 = crockford(128)
+OTHER_CHANNEL = crockford(2 ** 127 + 12345)
+
+
+class Clock:
+    """A pinned clock: each call is one second after the previous one."""
+
+    def __init__(self, start=1800000000.0):
+        self.now = start
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+# Helpers ###########################################################################
+
+BASE_BODIES = {
+    eg.CREATE: {"channel_id": CHANNEL, "password": PASSWORD, "title": "Database lag",
+                "status": "ongoing", "message": "Replica delay > 30s", "severity": "high",
+                "event_time": T0},
+    eg.UPDATE: {"channel_id": CHANNEL, "password": PASSWORD, "event_id": "to-be-set",
+                "status": "ongoing", "message": "Replica delay > 60s", "severity": "critical",
+                "event_time": T0 + 60},
+    eg.CLOSE: {"channel_id": CHANNEL, "password": PASSWORD, "event_id": "to-be-set",
+               "status": "resolved", "message": "Replica caught up", "severity": "normal",
+               "event_time": T0 + 120},
+}
+
+
+def valid_body(route, **changes):
+    """A body that passes every rule of route, with changes (DROP removes a key)."""
+    body = dict(BASE_BODIES[route])
+    for key, value in changes.items():
+        if value is DROP:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+def call(gw, method, path, body=None, headers=None):
+    """handle() one request; body may be a dict (sent as JSON), bytes or None."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    if headers is None:
+        headers = JSON_HEADERS
+    status, response_headers, payload = gw.handle(method, path, headers, body)
+    envelope = assert_envelope(status, response_headers, payload)
+    return status, {k.lower(): v for k, v in response_headers}, envelope
+
+
+def assert_envelope(status, headers, payload):
+    """SPEC §3: JSON, exactly four keys, success iff 200, an X-Request-Id."""
+    names = {k.lower(): v for k, v in headers}
+    assert names["content-type"] == "application/json"
+    assert HEX32.fullmatch(names["x-request-id"])
+    envelope = json.loads(payload)
+    assert list(envelope) == ["success", "data", "error", "error_code"]
+    assert envelope["success"] is (status == 200)
+    if status == 200:
+        assert envelope["error"] is None and envelope["error_code"] is None
+    else:
+        assert envelope["data"] is None
+        assert isinstance(envelope["error"], str) and envelope["error"]
+        assert eg.ERRORS[envelope["error_code"]] == status
+    return envelope
+
+
+def post(gw, route, body, headers=None):
+    return call(gw, "POST", route, body, headers)
+
+
+def create(gw, **changes):
+    """Create an event; returns its event_id."""
+    status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, **changes))
+    assert status == 200, envelope
+    return envelope["data"]["event_id"]
+
+
+def body_for(gw, route, changes):
+    """valid_body(route, **changes), with a fresh event's id on update and close."""
+    if route != eg.CREATE and "event_id" not in changes:
+        changes = dict(changes, event_id=create(gw))
+    return valid_body(route, **changes)
+
+
+def assert_error(result, status, code, *words):
+    got_status, _, envelope = result
+    assert (got_status, envelope["error_code"]) == (status, code), envelope
+    for word in words:
+        assert word in envelope["error"], envelope["error"]
+
+
+@pytest.fixture
+def gw():
+    """A fresh gateway with the example channel and the two password-limit channels."""
+    gateway = eg.EventGateway(clock=Clock())
+    gateway.register_channel(CHANNEL_8, "p" * 8)
+    gateway.register_channel(CHANNEL_128, "p" * 128)
+    gateway.register_channel(OTHER_CHANNEL, "other-pass")
+    return gateway
+
+
+@pytest.fixture
+def gw_auth():
+    return eg.EventGateway(token="s3cret-token", clock=Clock())
+
+
+# SPEC §1 Routes ######################################################################
+
+def test_healthz_answers_ok(gw):
+    status, _, envelope = call(gw, "GET", "/healthz")
+    assert (status, envelope["data"]) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    pytest.param("POST", "/healthz", "GET", id="healthz-post"),
+    pytest.param("GET", "/event/create", "POST", id="create-get"),
+    pytest.param("PUT", "/event/update", "POST", id="update-put"),
+    pytest.param("DELETE", "/event/close", "POST", id="close-delete"),
+    pytest.param("PATCH", "/__admin/events", "DELETE, GET", id="admin-events-patch"),
+    pytest.param("POST", "/__admin/events/abc", "GET", id="admin-event-post"),
+])
+def test_wrong_method_is_405_with_allow(gw, method, path, allow):
+    result = call(gw, method, path, b"{}")
+    assert_error(result, 405, "method_not_allowed")
+    assert result[1]["allow"] == allow
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param("/event/create/", id="trailing-slash"),
+    pytest.param("/event/Create", id="case-differs"),
+    pytest.param("/", id="root"),
+    pytest.param("/event", id="prefix"),
+    pytest.param("/__admin/events/", id="admin-empty-event-id"),
+    pytest.param("/__admin/events/a/b", id="admin-event-subpath"),
+])
+def test_unknown_path_is_404(gw, path):
+    assert_error(post(gw, path, valid_body(eg.CREATE)), 404, "route_not_found")
+
+
+def test_query_string_is_ignored_on_event_routes(gw):
+    status, _, envelope = post(gw, eg.CREATE + "?x=1", valid_body(eg.CREATE))
+    assert status == 200 and envelope["data"]["accepted"] is True
+
+
+# SPEC §2 Request processing order ####################################################
+
+TOKEN_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer s3cret-token"}
+
+# Each row has two defects (or a defect and a boundary); the first in SPEC §2 wins.
+ORDER_CASES = [
+    pytest.param("POST", "/nope", {}, b"{", "route_not_found", id="404-before-401"),
+    pytest.param("GET", eg.CREATE, {}, b"{", "authentication_failed", id="401-before-405"),
+    pytest.param("GET", eg.CREATE, {"Authorization": "Bearer s3cret-token"}, b"{",
+                 "method_not_allowed", id="405-before-content-type"),
+    pytest.param("POST", eg.CREATE, {"Authorization": "Bearer s3cret-token",
+                                     "Content-Type": "text/plain"},
+                 b"x" * (eg.MAX_BODY_BYTES + 1), "missing_json_content_type",
+                 id="content-type-before-413"),
+    pytest.param("POST", eg.CREATE, TOKEN_HEADERS, b"[" * (eg.MAX_BODY_BYTES + 1),
+                 "payload_too_large", id="413-before-syntax"),
+    pytest.param("POST", eg.CREATE, TOKEN_HEADERS, None, "length_required", id="411-no-body"),
+    pytest.param("POST", eg.CREATE, TOKEN_HEADERS, b'{"a": 1, "a": 2} x',
+                 "invalid_json_syntax", id="syntax-before-duplicate-key"),
+    pytest.param("POST", eg.CREATE, TOKEN_HEADERS, b'[{"a": 1, "a": 2}]',
+                 "invalid_json_data", id="top-level-array"),
+]
+
+
+@pytest.mark.parametrize("method, path, headers, body, code", ORDER_CASES)
+def test_processing_order_of_transport_steps(gw_auth, method, path, headers, body, code):
+    assert_error(call(gw_auth, method, path, body, headers), eg.ERRORS[code], code)
+
+
+# Body-level competitions: changes applied to a valid body of the route.
+BODY_ORDER_CASES = [
+    pytest.param(eg.CREATE, {"foo": 1, "event_id": "x"}, "invalid_json_data", "`foo`",
+                 id="unknown-before-forbidden"),
+    pytest.param(eg.CREATE, {"zeta": 1, "beta": 2}, "invalid_json_data", "`beta`",
+                 id="first-unknown-in-sorted-order"),
+    pytest.param(eg.CREATE, {"foo": None}, "invalid_json_data", "`foo`", id="unknown-even-if-null"),
+    pytest.param(eg.CREATE, {"event_id": "x", "ended_at": 1, "channel_id": DROP},
+                 "event_id_forbidden_on_create", "event_id", id="forbidden-before-channel"),
+    pytest.param(eg.CREATE, {"event_id": "", "ended_at": 1}, "event_id_forbidden_on_create",
+                 "event_id", id="forbidden-even-if-empty-string"),
+    pytest.param(eg.CREATE, {"event_id": None, "ended_at": 1}, "ended_at_forbidden_on_create",
+                 "ended_at", id="forbidden-null-is-absent"),
+    pytest.param(eg.UPDATE, {"started_at": 1}, "event_temporal_fields_forbidden_on_update",
+                 "started_at", id="update-started-at"),
+    pytest.param(eg.UPDATE, {"ended_at": 1}, "event_temporal_fields_forbidden_on_update",
+                 "ended_at", id="update-ended-at"),
+    pytest.param(eg.CLOSE, {"started_at": 1, "password": DROP}, "started_at_forbidden_on_close",
+                 "started_at", id="close-started-at-before-password"),
+    pytest.param(eg.CREATE, {"channel_id": "bad", "password": DROP}, "invalid_channel_id",
+                 "channel_id", id="channel-before-password"),
+    pytest.param(eg.CREATE, {"channel_id": DROP}, "channel_id_required", "channel_id",
+                 id="channel-absent"),
+    pytest.param(eg.CREATE, {"channel_id": None}, "channel_id_required", "channel_id",
+                 id="channel-null"),
+    pytest.param(eg.CREATE, {"channel_id": "  "}, "channel_id_required", "channel_id",
+                 id="channel-blank"),
+    pytest.param(eg.CREATE, {"password": DROP, "title": DROP}, "password_required", "password",
+                 id="password-before-required-fields"),
+    pytest.param(eg.CREATE, {"password": " \t"}, "password_required", "password",
+                 id="password-blank"),
+    pytest.param(eg.CREATE, {"password": "wrong-password", "title": DROP}, "channel_not_found",
+                 "channel", id="lookup-before-required-fields"),
+    pytest.param(eg.CREATE, {"channel_id": crockford(99)}, "channel_not_found", "channel",
+                 id="unknown-channel-same-answer"),
+    pytest.param(eg.UPDATE, {"event_id": DROP, "status": DROP}, "event_id_required", "event_id",
+                 id="event-id-before-business-fields"),
+    pytest.param(eg.CLOSE, {"event_id": "  "}, "event_id_required", "event_id",
+                 id="close-event-id-blank"),
+    pytest.param(eg.CREATE, {"title": DROP, "status": None, "message": " ", "severity": DROP,
+                             "event_time": DROP}, "event_create_required_fields_missing",
+                 "title, status, message, severity", id="create-lists-every-missing-field"),
+    pytest.param(eg.UPDATE, {"message": DROP, "event_time": DROP},
+                 "event_update_required_fields_missing", "message", id="update-missing-message"),
+    pytest.param(eg.CLOSE, {"severity": "", "tags": 5}, "event_update_required_fields_missing",
+                 "severity", id="close-missing-severity"),
+    pytest.param(eg.CREATE, {"event_time": DROP, "title": 5}, "event_time_required",
+                 "event_time", id="event-time-before-field-rules"),
+    pytest.param(eg.CREATE, {"event_time": " "}, "event_time_required", "event_time",
+                 id="event-time-blank-string"),
+    pytest.param(eg.CREATE, {"op_id": "bad id", "title": 5}, "invalid_op_id", "op_id",
+                 id="op-id-rule-before-title-rule"),
+    pytest.param(eg.CREATE, {"metadata": [], "tags": "x"}, "invalid_tags", "tags",
+                 id="tags-rule-before-metadata-rule"),
+    pytest.param(eg.UPDATE, {"event_id": "no-such-event", "severity": "meh"},
+                 "invalid_severity", "severity", id="field-rule-before-event-state"),
+]
+
+
+@pytest.mark.parametrize("route, changes, code, word", BODY_ORDER_CASES)
+def test_processing_order_of_body_steps(gw, route, changes, code, word):
+    body = body_for(gw, route, changes)
+    assert_error(post(gw, route, body), eg.ERRORS[code], code, word)
+
+
+AUTH_CASES = [
+    pytest.param(None, 401, id="no-header"),
+    pytest.param("Bearer s3cret-token", 200, id="exact"),
+    pytest.param("bearer s3cret-token", 200, id="scheme-lower-case"),
+    pytest.param("BEARER s3cret-token", 200, id="scheme-upper-case"),
+    pytest.param("Bearer s3cret-tokeN", 401, id="wrong-token"),
+    pytest.param("Bearer s3cret-toke", 401, id="prefix-of-token"),
+    pytest.param("Bearer  s3cret-token", 401, id="two-spaces"),
+    pytest.param("Bearer s3cret-token x", 401, id="two-tokens"),
+    pytest.param("Basic s3cret-token", 401, id="other-scheme"),
+    pytest.param("Bearer", 401, id="scheme-only"),
+    pytest.param("s3cret-token", 401, id="token-only"),
+    pytest.param("Bearer " + "a" * 4097, 401, id="token-4097-chars"),
+    pytest.param("Bearer t\u00e9st", 401, id="non-ascii-token"),
+]
+
+
+@pytest.mark.parametrize("authorization, status", AUTH_CASES)
+def test_gateway_token(gw_auth, authorization, status):
+    headers = dict(JSON_HEADERS)
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    result = post(gw_auth, eg.CREATE, valid_body(eg.CREATE), headers)
+    if status == 200:
+        assert result[0] == 200
+    else:
+        assert_error(result, 401, "authentication_failed")
+        assert result[1]["www-authenticate"] == "Bearer"
+        assert "s3cret" not in result[2]["error"]
+
+
+def test_token_of_4096_chars_is_accepted():
+    gateway = eg.EventGateway(token="t" * 4096)
+    headers = dict(JSON_HEADERS, Authorization="Bearer " + "t" * 4096)
+    assert post(gateway, eg.CREATE, valid_body(eg.CREATE), headers)[0] == 200
+
+
+def test_healthz_ignores_the_token(gw_auth):
+    assert call(gw_auth, "GET", "/healthz", headers={"Authorization": "Bearer wrong"})[0] == 200
+    assert call(gw_auth, "GET", "/healthz", headers={})[0] == 200
+
+
+def test_admin_routes_are_behind_the_token(gw_auth):
+    assert_error(call(gw_auth, "GET", "/__admin/events", headers={}), 401, "authentication_failed")
+    assert call(gw_auth, "GET", "/__admin/events", headers=TOKEN_HEADERS)[0] == 200
+
+
+@pytest.mark.parametrize("content_type, status", [
+    pytest.param("application/json", 200, id="exact"),
+    pytest.param("Application/JSON", 200, id="any-case"),
+    pytest.param("application/json; charset=utf-8", 200, id="with-charset"),
+    pytest.param(" application/json ;charset=UTF-8", 200, id="spaces"),
+    pytest.param(None, 400, id="absent"),
+    pytest.param("text/plain", 400, id="text-plain"),
+    pytest.param("application/json-patch+json", 400, id="other-json-type"),
+    pytest.param("application/x-www-form-urlencoded", 400, id="form"),
+])
+def test_content_type(gw, content_type, status):
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    result = post(gw, eg.CREATE, valid_body(eg.CREATE), headers)
+    if status == 200:
+        assert result[0] == 200
+    else:
+        assert_error(result, 400, "missing_json_content_type", "Content-Type")
+
+
+def test_get_ignores_content_type(gw):
+    assert call(gw, "GET", "/__admin/events", headers={"Content-Type": "text/plain"})[0] == 200
+
+
+def test_body_size_limit_boundary(gw):
+    body = json.dumps(valid_body(eg.CREATE, description="d")).encode()
+    padding = eg.MAX_BODY_BYTES - len(body)
+    fits = body[:-1] + b" " * padding + b"}"
+    assert len(fits) == eg.MAX_BODY_BYTES
+    assert post(gw, eg.CREATE, fits)[0] == 200
+    assert_error(post(gw, eg.CREATE, fits + b" "), 413, "payload_too_large", "32768")
+
+
+def test_oversized_declared_length_refused_from_the_head(gw):
+    headers = dict(JSON_HEADERS, **{"Content-Length": str(eg.MAX_BODY_BYTES + 1)})
+    status, _, payload = gw.check_head("POST", eg.CREATE, headers)
+    assert (status, json.loads(payload)["error_code"]) == (413, "payload_too_large")
+    headers["Content-Length"] = str(eg.MAX_BODY_BYTES)
+    assert gw.check_head("POST", eg.CREATE, headers) is None
+
+
+def test_missing_length_refused_from_the_head(gw):
+    status, _, payload = gw.check_head("POST", eg.CREATE, JSON_HEADERS)
+    assert (status, json.loads(payload)["error_code"]) == (411, "length_required")
+    chunked = dict(JSON_HEADERS, **{"Transfer-Encoding": "chunked"})
+    assert gw.check_head("POST", eg.CREATE, chunked) is None
+
+
+def nested(depth):
+    """A valid create body whose deepest value is `depth` levels deep (attrs is level 2)."""
+    inner = "[" * (depth - 2) + "1" + "]" * (depth - 2)
+    body = json.dumps(valid_body(eg.CREATE))[:-1] + ', "attrs": {"k": %s}}' % inner
+    return body.encode()
+
+
+STRICT_JSON_CASES = [
+    pytest.param(b"", "invalid_json_syntax", id="empty-body"),
+    pytest.param(b"   ", "invalid_json_syntax", id="whitespace-body"),
+    pytest.param(b'{"event_time": NaN}', "invalid_json_syntax", id="nan"),
+    pytest.param(b'{"event_time": Infinity}', "invalid_json_syntax", id="infinity"),
+    pytest.param(b'{"event_time": -Infinity}', "invalid_json_syntax", id="minus-infinity"),
+    pytest.param(b'{} {}', "invalid_json_syntax", id="trailing-document"),
+    pytest.param(b'{}x', "invalid_json_syntax", id="trailing-garbage"),
+    pytest.param(b'{"title": "\xff"}', "invalid_json_syntax", id="invalid-utf8"),
+    pytest.param(b'{"title": "\xed\xa0\x80"}', "invalid_json_syntax", id="utf8-encoded-surrogate"),
+    pytest.param(b'\xef\xbb\xbf{}', "invalid_json_syntax", id="bom"),
+    pytest.param(b'{"title": "\\ud800"}', "invalid_json_syntax", id="lone-surrogate-escape"),
+    pytest.param(b'{"a": 1' + b"0" * 5000 + b'}', "invalid_json_syntax", id="5000-digit-int"),
+    pytest.param(b"[" * 5000 + b"]" * 5000, "invalid_json_syntax", id="5000-levels"),
+    pytest.param(b'{"a": ' + b"[" * 3000, "invalid_json_syntax", id="3000-levels-truncated"),
+    pytest.param(b'{"a"', "invalid_json_syntax", id="truncated"),
+    pytest.param(b"{'a': 1}", "invalid_json_syntax", id="single-quotes"),
+    pytest.param(b'"text"', "invalid_json_data", id="top-level-string"),
+    pytest.param(b"null", "invalid_json_data", id="top-level-null"),
+    pytest.param(b'{"a": {"b": 1, "b": 2}}', "invalid_json_data", id="duplicate-key-nested"),
+    pytest.param(b'{"title": "x", "title": "x"}', "invalid_json_data", id="duplicate-key-same-value"),
+    pytest.param(nested(33), "invalid_json_syntax", id="33-levels"),
+]
+
+
+@pytest.mark.parametrize("body, code", STRICT_JSON_CASES)
+def test_strict_json(gw, body, code):
+    assert_error(post(gw, eg.CREATE, body), 400, code)
+
+
+def test_32_levels_of_nesting_parse(gw):
+    # The 32-level body gets past JSON parsing to the attrs rule (arrays are not allowed there).
+    assert_error(post(gw, eg.CREATE, nested(32)), 400, "extension_object_arrays_unsupported")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(gw):
+    status, _, _ = post(gw, eg.CREATE, valid_body(eg.CREATE, title="[{" * 40))
+    assert status == 200
+
+
+def test_paired_surrogate_escape_is_one_character(gw):
+    body = json.dumps(valid_body(eg.CREATE, title="\U0001F600")).encode()   # "\ud83d\ude00"
+    assert b"\\ud83d\\ude00" in body
+    status, _, envelope = post(gw, eg.CREATE, body)
+    assert status == 200
+    assert gw.event(envelope["data"]["event_id"])["title"] == "\U0001F600"
+
+
+# SPEC §3 Response envelope ###########################################################
+
+def test_success_envelope_has_the_seed_shape(gw):
+    status, headers, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, started_at=T0,
+                                                                  tags=["db", "replica"]))
+    assert status == 200
+    data = envelope["data"]
+    assert list(data) == ["channel_id", "op_id", "event_id", "thing_id", "accepted"]
+    assert data["channel_id"] == CHANNEL and data["thing_id"] is None and data["accepted"] is True
+    assert HEX32.fullmatch(data["op_id"]) and HEX32.fullmatch(data["event_id"])
+
+
+def test_request_ids_differ(gw):
+    ids = {call(gw, "GET", "/healthz")[1]["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_unexpected_exception_is_500_and_the_next_request_works(gw, monkeypatch):
+    def broken(value):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(eg, "FIELD_RULES", (("title", broken),) + eg.FIELD_RULES[1:])
+    result = post(gw, eg.CREATE, valid_body(eg.CREATE))
+    assert_error(result, 500, "internal_error")
+    assert "KeyError" not in result[2]["error"]
+    assert len(gw.internal_errors) == 1 and "KeyError" in gw.internal_errors[0]
+    monkeypatch.undo()
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+    assert len(gw.events()) == 1
+
+
+def test_messages_never_echo_the_password(gw):
+    secret = "hunter2-secret-password"
+    for changes in ({"password": secret}, {"password": secret * 10}, {"password": [secret]}):
+        status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, **changes))
+        assert status in (400, 404) and "hunter2" not in envelope["error"]
+
+
+# SPEC §4 Field rules #################################################################
+
+LONG_OP = "o" * 128
+FIELD_CASES = [
+    # channel_id: 26 Crockford symbols, lenient input, last symbol's low two bits zero.
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL.lower()}, None, id="channel-lower-case"),
+    pytest.param(eg.CREATE, {"channel_id": " 06J0-FZG1-Y8XG G14V-TQ4Y-3G10-MR "}, None,
+                 id="channel-dashes-and-spaces"),
+    pytest.param(eg.CREATE, {"channel_id": "O6J0FZGIY8XGGl4VTQ4Y3GIOMR"}, None,
+                 id="channel-o-i-l-aliases"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL[:25]}, "invalid_channel_id",
+                 id="channel-25-symbols"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL + "0"}, "invalid_channel_id",
+                 id="channel-27-symbols"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL[:-1] + "S"}, "invalid_channel_id",
+                 id="channel-last-symbol-low-bits-set"),
+    pytest.param(eg.CREATE, {"channel_id": "U" + CHANNEL[1:]}, "invalid_channel_id",
+                 id="channel-letter-u"),
+    pytest.param(eg.CREATE, {"channel_id": "\u017f" + CHANNEL[1:]}, "invalid_channel_id",
+                 id="channel-non-ascii-upper-cases-to-ascii"),
+    pytest.param(eg.CREATE, {"channel_id": 123}, "invalid_channel_id", id="channel-number"),
+    # password: 8-128 characters after trimming.
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL_8, "password": "p" * 8}, None,
+                 id="password-8-chars"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL_8, "password": "p" * 7}, "invalid_password",
+                 id="password-7-chars"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL_8, "password": " " + "p" * 7 + " "},
+                 "invalid_password", id="password-7-chars-after-trim"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL_128, "password": "p" * 128}, None,
+                 id="password-128-chars"),
+    pytest.param(eg.CREATE, {"channel_id": CHANNEL_128, "password": "p" * 129},
+                 "invalid_password", id="password-129-chars"),
+    pytest.param(eg.CREATE, {"password": " pass-1234\n"}, None, id="password-trimmed"),
+    pytest.param(eg.CREATE, {"password": 12345678}, "invalid_password", id="password-number"),
+    # op_id: 1-128 of A-Z a-z 0-9 _ : -; empty is absent.
+    pytest.param(eg.CREATE, {"op_id": LONG_OP}, None, id="op-id-128-chars"),
+    pytest.param(eg.CREATE, {"op_id": LONG_OP + "o"}, "invalid_op_id", id="op-id-129-chars"),
+    pytest.param(eg.CREATE, {"op_id": "a"}, None, id="op-id-1-char"),
+    pytest.param(eg.CREATE, {"op_id": "Az09_:-"}, None, id="op-id-every-symbol-class"),
+    pytest.param(eg.CREATE, {"op_id": "op.1"}, "invalid_op_id", id="op-id-dot"),
+    pytest.param(eg.CREATE, {"op_id": "op 1"}, "invalid_op_id", id="op-id-inner-space"),
+    pytest.param(eg.CREATE, {"op_id": "op\u0661"}, "invalid_op_id", id="op-id-arabic-digit"),
+    pytest.param(eg.CREATE, {"op_id": 7}, "invalid_op_id", id="op-id-number"),
+    # thing_id: 1-64 of the same alphabet; empty is absent.
+    pytest.param(eg.CREATE, {"thing_id": "t" * 64}, None, id="thing-id-64-chars"),
+    pytest.param(eg.CREATE, {"thing_id": "t" * 65}, "invalid_thing_id", id="thing-id-65-chars"),
+    pytest.param(eg.CREATE, {"thing_id": "host/1"}, "invalid_thing_id", id="thing-id-slash"),
+    pytest.param(eg.CREATE, {"thing_id": True}, "invalid_thing_id", id="thing-id-bool"),
+    # event_id: 1-64 of the same alphabet (64 passes the rule and is then not found).
+    pytest.param(eg.UPDATE, {"event_id": "e" * 64}, "event_not_found", id="event-id-64-chars"),
+    pytest.param(eg.UPDATE, {"event_id": "e" * 65}, "invalid_event_id", id="event-id-65-chars"),
+    pytest.param(eg.CLOSE, {"event_id": "e#1"}, "invalid_event_id", id="event-id-hash"),
+    pytest.param(eg.CLOSE, {"event_id": 42}, "invalid_event_id", id="event-id-number"),
+    # title: required on create; non-empty, at most 256 characters.
+    pytest.param(eg.CREATE, {"title": "\u00e9" * 256}, None, id="title-256-chars"),
+    pytest.param(eg.CREATE, {"title": "\u00e9" * 257}, "invalid_title", id="title-257-chars"),
+    pytest.param(eg.CREATE, {"title": "\U0001F600" * 256}, None, id="title-256-emoji"),
+    pytest.param(eg.CREATE, {"title": "\U0001F600" * 257}, "invalid_title", id="title-257-emoji"),
+    pytest.param(eg.CREATE, {"title": ["x"]}, "invalid_title", id="title-array"),
+    pytest.param(eg.UPDATE, {"title": "t" * 256}, None, id="update-title-256-chars"),
+    pytest.param(eg.UPDATE, {"title": " "}, "invalid_title", id="update-title-blank"),
+    # description: optional; empty is absent; at most 4096 characters.
+    pytest.param(eg.CREATE, {"description": "d" * 4096}, None, id="description-4096-chars"),
+    pytest.param(eg.CREATE, {"description": "d" * 4097}, "invalid_description",
+                 id="description-4097-chars"),
+    pytest.param(eg.CREATE, {"description": 1}, "invalid_description", id="description-number"),
+    # status: non-empty, at most 24; message: at most 512.
+    pytest.param(eg.CREATE, {"status": "s" * 24}, None, id="status-24-chars"),
+    pytest.param(eg.CREATE, {"status": "s" * 25}, "invalid_status", id="status-25-chars"),
+    pytest.param(eg.CLOSE, {"status": " " + "s" * 24 + " "}, None, id="status-24-after-trim"),
+    pytest.param(eg.UPDATE, {"status": 200}, "invalid_status", id="status-number"),
+    pytest.param(eg.CREATE, {"message": "m" * 512}, None, id="message-512-chars"),
+    pytest.param(eg.CREATE, {"message": "m" * 513}, "invalid_message", id="message-513-chars"),
+    pytest.param(eg.UPDATE, {"message": {"a": 1}}, "invalid_message", id="message-object"),
+    # severity: one of four, any case.
+    pytest.param(eg.CREATE, {"severity": "CRITICAL"}, None, id="severity-upper-case"),
+    pytest.param(eg.CREATE, {"severity": " Low "}, None, id="severity-trimmed"),
+    pytest.param(eg.CREATE, {"severity": "urgent"}, "invalid_severity", id="severity-unknown"),
+    pytest.param(eg.CREATE, {"severity": 1}, "invalid_severity", id="severity-number"),
+    # event_time: finite number of seconds, 0 <= t < 10^12, never a bool.
+    pytest.param(eg.CREATE, {"event_time": 0}, None, id="event-time-zero"),
+    pytest.param(eg.CREATE, {"event_time": -1}, "invalid_event_time", id="event-time-minus-1"),
+    pytest.param(eg.CREATE, {"event_time": -0.001}, "invalid_event_time",
+                 id="event-time-just-negative"),
+    pytest.param(eg.CREATE, {"event_time": 10 ** 12 - 1}, None, id="event-time-last-second"),
+    pytest.param(eg.CREATE, {"event_time": 999999999999.5}, None, id="event-time-last-float"),
+    pytest.param(eg.CREATE, {"event_time": 10 ** 12}, "invalid_event_time",
+                 id="event-time-10-to-the-12"),
+    pytest.param(eg.CREATE, {"event_time": 1713750000.25}, None, id="event-time-float"),
+    pytest.param(eg.CREATE, {"event_time": True}, "invalid_event_time", id="event-time-true"),
+    pytest.param(eg.CREATE, {"event_time": "1713750000"}, "invalid_event_time",
+                 id="event-time-string"),
+    pytest.param(eg.UPDATE, {"event_time": 10 ** 30}, "invalid_event_time",
+                 id="event-time-10-to-the-30"),
+    pytest.param(eg.CLOSE, {"event_time": [1]}, "invalid_event_time", id="event-time-array"),
+    # started_at: create only, same rule; ended_at: close only, same rule.
+    pytest.param(eg.CREATE, {"started_at": 10 ** 12 - 1}, None, id="started-at-last-second"),
+    pytest.param(eg.CREATE, {"started_at": 10 ** 12}, "invalid_started_at",
+                 id="started-at-10-to-the-12"),
+    pytest.param(eg.CREATE, {"started_at": 0}, None, id="started-at-zero"),
+    pytest.param(eg.CREATE, {"started_at": -1}, "invalid_started_at", id="started-at-minus-1"),
+    pytest.param(eg.CREATE, {"started_at": False}, "invalid_started_at", id="started-at-false"),
+    pytest.param(eg.CLOSE, {"ended_at": 10 ** 12 - 1}, None, id="ended-at-last-second"),
+    pytest.param(eg.CLOSE, {"ended_at": 10 ** 12}, "invalid_ended_at", id="ended-at-10-to-the-12"),
+    pytest.param(eg.CLOSE, {"ended_at": "soon"}, "invalid_ended_at", id="ended-at-string"),
+    # tags: at most 32 items (before de-duplication), each 1-64 characters after trim.
+    pytest.param(eg.CREATE, {"tags": ["t%d" % i for i in range(32)]}, None, id="tags-32-items"),
+    pytest.param(eg.CREATE, {"tags": ["t%d" % i for i in range(33)]}, "invalid_tags",
+                 id="tags-33-items"),
+    pytest.param(eg.CREATE, {"tags": ["same"] * 33}, "invalid_tags",
+                 id="tags-33-items-counted-before-dedup"),
+    pytest.param(eg.CREATE, {"tags": ["t" * 64]}, None, id="tags-item-64-chars"),
+    pytest.param(eg.CREATE, {"tags": ["t" * 65]}, "invalid_tags", id="tags-item-65-chars"),
+    pytest.param(eg.CREATE, {"tags": [" " + "t" * 64 + " "]}, None, id="tags-item-64-after-trim"),
+    pytest.param(eg.CREATE, {"tags": [" "]}, "invalid_tags", id="tags-item-blank"),
+    pytest.param(eg.CREATE, {"tags": [1]}, "invalid_tags", id="tags-item-number"),
+    pytest.param(eg.CREATE, {"tags": "db"}, "invalid_tags", id="tags-string"),
+    pytest.param(eg.CREATE, {"tags": []}, None, id="tags-empty"),
+    # images: at most 32 items, each 1-2048 characters after trim.
+    pytest.param(eg.CREATE, {"images": ["i%d" % i for i in range(32)]}, None, id="images-32-items"),
+    pytest.param(eg.CREATE, {"images": ["i%d" % i for i in range(33)]}, "invalid_images",
+                 id="images-33-items"),
+    pytest.param(eg.CREATE, {"images": ["i" * 2048]}, None, id="images-item-2048-chars"),
+    pytest.param(eg.CREATE, {"images": ["i" * 2049]}, "invalid_images",
+                 id="images-item-2049-chars"),
+    pytest.param(eg.CREATE, {"images": [""]}, "invalid_images", id="images-item-empty"),
+    pytest.param(eg.CREATE, {"images": {"a": "b"}}, "invalid_images", id="images-object"),
+    # attrs: object patch of scalars, null, or one-level objects.
+    pytest.param(eg.CREATE, {"attrs": {"s": "x", "n": 1.5, "b": True, "z": None,
+                                       "o": {"a": 1, "b": None}}}, None, id="attrs-every-kind"),
+    pytest.param(eg.CREATE, {"attrs": {}}, None, id="attrs-empty"),
+    pytest.param(eg.CREATE, {"attrs": ["a"]}, "invalid_attrs", id="attrs-array"),
+    pytest.param(eg.CREATE, {"attrs": "a"}, "invalid_attrs", id="attrs-string"),
+    pytest.param(eg.CREATE, {"attrs": {"a": [1]}}, "extension_object_arrays_unsupported",
+                 id="attrs-array-value"),
+    pytest.param(eg.CREATE, {"attrs": {"a": {"b": []}}}, "extension_object_arrays_unsupported",
+                 id="attrs-array-inside-value"),
+    pytest.param(eg.CREATE, {"attrs": {"a": {"b": {}}}},
+                 "extension_object_nested_object_unsupported", id="attrs-two-levels"),
+    pytest.param(eg.CREATE, {"attrs": {"a": {"b": {"c": [1]}}}},
+                 "extension_object_nested_object_unsupported", id="attrs-spec-example"),
+    pytest.param(eg.CREATE, {"attrs": {" ": 1}}, "extension_object_key_required",
+                 id="attrs-blank-key"),
+    pytest.param(eg.CREATE, {"attrs": {"a": {"": 1}}}, "extension_object_key_required",
+                 id="attrs-blank-inner-key"),
+    pytest.param(eg.CREATE, {"attrs": {"a": {"": 1}, "b": [1]}},
+                 "extension_object_arrays_unsupported", id="attrs-outer-level-before-inner"),
+    pytest.param(eg.CREATE, {"attrs": {"a": [1], "": 1}}, "extension_object_arrays_unsupported",
+                 id="attrs-document-order"),
+    pytest.param(eg.CREATE, {"attrs": {"": [1], "a": 1}}, "extension_object_key_required",
+                 id="attrs-key-before-its-value"),
+    # metadata: object of scalars; keys 1-64 unique after trim; value text 1-512.
+    pytest.param(eg.CREATE, {"metadata": {"k" * 64: "v" * 512, "n": 1, "b": False}}, None,
+                 id="metadata-at-limits"),
+    pytest.param(eg.CREATE, {"metadata": {" " + "k" * 64 + " ": "v"}}, None,
+                 id="metadata-key-64-after-trim"),
+    pytest.param(eg.CREATE, {"metadata": {"k" * 65: "v"}}, "metadata_key_too_long",
+                 id="metadata-key-65-chars"),
+    pytest.param(eg.CREATE, {"metadata": {"k": "v" * 513}}, "metadata_value_too_long",
+                 id="metadata-value-513-chars"),
+    pytest.param(eg.CREATE, {"metadata": {"k": " " + "v" * 512 + " "}}, None,
+                 id="metadata-value-512-after-trim"),
+    pytest.param(eg.CREATE, {"metadata": {"k": 10 ** 512}}, "metadata_value_too_long",
+                 id="metadata-number-513-digits"),
+    pytest.param(eg.CREATE, {"metadata": {"k": 10 ** 511}}, None,
+                 id="metadata-number-512-digits"),
+    pytest.param(eg.CREATE, {"metadata": {"k": None}}, "metadata_value_scalar_required",
+                 id="metadata-null-value"),
+    pytest.param(eg.CREATE, {"metadata": {"k": [1]}}, "metadata_value_scalar_required",
+                 id="metadata-array-value"),
+    pytest.param(eg.CREATE, {"metadata": {"k": {}}}, "metadata_value_scalar_required",
+                 id="metadata-object-value"),
+    pytest.param(eg.CREATE, {"metadata": {" ": "v"}}, "metadata_key_required",
+                 id="metadata-blank-key"),
+    pytest.param(eg.CREATE, {"metadata": {"k": "v", " k ": "w"}}, "metadata_key_duplicate",
+                 id="metadata-duplicate-after-trim"),
+    pytest.param(eg.CREATE, {"metadata": {"k": "  "}}, "metadata_value_required",
+                 id="metadata-blank-value"),
+    pytest.param(eg.CREATE, {"metadata": ["k"]}, "invalid_metadata", id="metadata-array"),
+    pytest.param(eg.CREATE, {"metadata": {}}, None, id="metadata-empty"),
+]
+
+
+@pytest.mark.parametrize("route, changes, code", FIELD_CASES)
+def test_field_rule(gw, route, changes, code):
+    status, _, envelope = post(gw, route, body_for(gw, route, changes))
+    if code is None:
+        assert status == 200, envelope
+        assert envelope["data"]["accepted"] is True
+    else:
+        assert (status, envelope["error_code"]) == (eg.ERRORS[code], code), envelope
+
+
+# What a passing value is stored as: (changes, field of the stored event, expected).
+NORMALISE_CASES = [
+    pytest.param({"title": "  Database lag \n"}, "title", "Database lag", id="title-trimmed"),
+    pytest.param({"description": ""}, "description", None, id="description-empty-is-absent"),
+    pytest.param({"description": "   "}, "description", None, id="description-blank-is-absent"),
+    pytest.param({"description": " why "}, "description", "why", id="description-trimmed"),
+    pytest.param({"severity": " HiGh "}, "severity", "high", id="severity-lower-case"),
+    pytest.param({"tags": [" db", "db ", "replica", "db"]}, "tags", ["db", "replica"],
+                 id="tags-dedup-after-trim-first-order"),
+    pytest.param({"images": ["b", "a", " b "]}, "images", ["b", "a"], id="images-dedup"),
+    pytest.param({"thing_id": " host-1 "}, "thing_id", "host-1", id="thing-id-trimmed"),
+    pytest.param({"thing_id": ""}, "thing_id", None, id="thing-id-empty-is-absent"),
+    pytest.param({"thing_id": None}, "thing_id", None, id="thing-id-null-is-absent"),
+    pytest.param({"started_at": DROP}, "started_at", T0, id="started-at-defaults-to-event-time"),
+    pytest.param({"started_at": 5}, "started_at", 5, id="started-at-given"),
+    pytest.param({"attrs": {" k ": " v ", "gone": None, "o": {"x": None}}}, "attrs",
+                 {" k ": " v ", "o": {"x": None}}, id="attrs-stored-as-sent"),
+]
+
+
+@pytest.mark.parametrize("changes, field, expected", NORMALISE_CASES)
+def test_stored_value(gw, changes, field, expected):
+    event = gw.event(create(gw, **changes))
+    assert event[field] == expected
+
+
+def test_channel_id_is_echoed_in_canonical_form(gw):
+    status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id="o6j0-fzgi-y8xg"
+                                                          "-gl4v-tq4y-3g1o-mr"))
+    assert status == 200 and envelope["data"]["channel_id"] == CHANNEL
+
+
+def test_millisecond_event_time_gets_a_hint(gw):
+    result = post(gw, eg.CREATE, valid_body(eg.CREATE, event_time=1713750000000))
+    assert_error(result, 400, "invalid_event_time", "milliseconds")
+
+
+def test_overflowing_number_is_not_finite(gw):
+    body = json.dumps(valid_body(eg.CREATE))[:-1].encode() + b', "started_at": 1e400}'
+    assert_error(post(gw, eg.CREATE, body), 400, "invalid_started_at", "finite")
+    body = json.dumps(valid_body(eg.CREATE))[:-1].encode() + b', "attrs": {"x": -1e400}}'
+    assert_error(post(gw, eg.CREATE, body), 400, "invalid_attrs")
+
+
+def test_op_id_absent_or_empty_is_generated(gw):
+    for op_id in (DROP, "", "   ", None):
+        status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id=op_id))
+        assert status == 200 and HEX32.fullmatch(envelope["data"]["op_id"])
+
+
+def test_every_field_rule_is_in_table_order():
+    assert [name for name, _ in eg.FIELD_RULES] == [
+        "op_id", "thing_id", "event_id", "title", "description", "status", "message",
+        "severity", "event_time", "started_at", "ended_at", "tags", "images", "attrs", "metadata"]
+    for name, check in eg.FIELD_RULES:
+        assert check.__name__ == "check_" + name
+
+
+# SPEC §5 Event store and lifecycle ###################################################
+
+EVENT_KEYS = ["event_id", "channel_id", "thing_id", "state", "title", "description", "status",
+              "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
+              "created_at", "updated_at", "history"]
+
+
+def test_lifecycle_create_update_close(gw):
+    event_id = create(gw, thing_id="db-1", tags=["db"], attrs={"lag": 31, "host": "a"},
+                      metadata={"source": "probe"})
+    event = gw.event(event_id)
+    assert list(event) == EVENT_KEYS
+    assert (event["state"], event["thing_id"], event["started_at"], event["ended_at"]) == (
+        "ongoing", "db-1", T0, None)
+    created_at = event["created_at"]
+    assert created_at == event["updated_at"] == event["history"][0]["received_at"]
+
+    status, _, envelope = post(gw, eg.UPDATE, valid_body(
+        eg.UPDATE, event_id=event_id, title="Bigger lag", tags=[], attrs={"lag": 65, "host": None,
+                                                                          "o": {"k": None}}))
+    assert status == 200 and envelope["data"]["thing_id"] == "db-1"   # kept and echoed
+    event = gw.event(event_id)
+    assert (event["title"], event["status"], event["message"], event["severity"]) == (
+        "Bigger lag", "ongoing", "Replica delay > 60s", "critical")
+    assert event["tags"] == []                                         # an empty list clears
+    assert event["attrs"] == {"lag": 65, "o": {"k": None}}             # patch: null deletes
+    assert event["updated_at"] > created_at
+
+    status, _, envelope = post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id,
+                                                        thing_id="db-1"))
+    assert status == 200 and envelope["data"]["event_id"] == event_id
+    event = gw.event(event_id)
+    assert (event["state"], event["ended_at"], event["started_at"]) == ("closed", T0 + 120, T0)
+    assert [h["route"] for h in event["history"]] == [eg.CREATE, eg.UPDATE, eg.CLOSE]
+    first = event["history"][0]
+    assert list(first) == ["route", "op_id", "event_time", "received_at", "fields", "metadata"]
+    assert first["fields"] == {"title": "Database lag", "status": "ongoing",
+                               "message": "Replica delay > 30s", "severity": "high",
+                               "tags": ["db"], "attrs": {"lag": 31, "host": "a"}}
+    assert first["metadata"] == {"source": "probe"}
+    assert event["history"][2]["fields"] == {"status": "resolved", "message": "Replica caught up",
+                                             "severity": "normal"}
+    assert event["history"][2]["metadata"] is None
+
+
+def test_attrs_object_value_replaces_wholesale(gw):
+    event_id = create(gw, attrs={"o": {"a": 1, "b": 2}})
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, attrs={"o": {"c": 3}}))
+    assert gw.event(event_id)["attrs"] == {"o": {"c": 3}}
+
+
+def test_lists_replace_and_absent_fields_are_kept(gw):
+    event_id = create(gw, tags=["a", "b"], images=["i"], description="why")
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, tags=["c"]))
+    event = gw.event(event_id)
+    assert (event["tags"], event["images"], event["description"], event["title"]) == (
+        ["c"], ["i"], "why", "Database lag")
+
+
+def test_closed_event_is_terminal(gw):
+    event_id = create(gw)
+    assert post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))[0] == 200
+    for route in (eg.UPDATE, eg.CLOSE):
+        assert_error(post(gw, route, valid_body(route, event_id=event_id)), 409,
+                     "event_closed")
+    assert len(gw.event(event_id)["history"]) == 2
+
+
+def test_event_of_another_channel_is_not_found(gw):
+    event_id = create(gw)
+    body = valid_body(eg.UPDATE, event_id=event_id, channel_id=OTHER_CHANNEL, password="other-pass")
+    assert_error(post(gw, eg.UPDATE, body), 404, "event_not_found")
+    assert len(gw.event(event_id)["history"]) == 1
+
+
+@pytest.mark.parametrize("created_thing, sent_thing, status", [
+    pytest.param("db-1", "db-2", 409, id="different-thing"),
+    pytest.param(None, "db-1", 409, id="event-has-no-thing"),
+    pytest.param("db-1", "db-1", 200, id="same-thing"),
+    pytest.param("db-1", DROP, 200, id="omitted-keeps-thing"),
+    pytest.param("db-1", "", 200, id="empty-is-omitted"),
+])
+def test_thing_is_fixed_at_create(gw, created_thing, sent_thing, status):
+    event_id = create(gw, thing_id=created_thing)
+    result = post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, thing_id=sent_thing))
+    if status == 409:
+        assert_error(result, 409, "thing_id_mismatch")
+        assert gw.event(event_id)["status"] == "ongoing"
+    else:
+        assert result[0] == 200 and result[2]["data"]["thing_id"] == created_thing
+
+
+@pytest.mark.parametrize("ended_at, event_time, status", [
+    pytest.param(T0, T0 + 1, 200, id="ended-at-equal-to-started-at"),
+    pytest.param(T0 - 1, T0 + 1, 400, id="ended-at-one-second-before"),
+    pytest.param(DROP, T0 - 0.5, 400, id="default-from-event-time-before"),
+    pytest.param(DROP, T0, 200, id="default-from-event-time-equal"),
+])
+def test_ended_at_not_before_started_at(gw, ended_at, event_time, status):
+    event_id = create(gw, started_at=T0)
+    result = post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, ended_at=ended_at,
+                                           event_time=event_time))
+    if status == 400:
+        assert_error(result, 400, "invalid_ended_at", "started_at")
+        assert gw.event(event_id)["state"] == "ongoing"        # nothing half-applied
+        assert len(gw.event(event_id)["history"]) == 1
+    else:
+        assert result[0] == 200
+
+
+def test_passwords_never_stored_in_events(gw):
+    create(gw, metadata={"k": "v"})
+    assert PASSWORD not in json.dumps(gw.events())
+
+
+def test_two_gateways_do_not_share_state():
+    first, second = eg.EventGateway(), eg.EventGateway()
+    create(first)
+    first.add_fault("*", 503)
+    assert (len(first.events()), len(second.events())) == (1, 0)
+    assert second.faults() == []
+
+
+# SPEC §6 Idempotency #################################################################
+
+def test_same_op_id_and_body_replays_byte_for_byte(gw):
+    body = valid_body(eg.CREATE, op_id="op-1")
+    first = gw.handle("POST", eg.CREATE, JSON_HEADERS, json.dumps(body).encode())
+    # Same parsed JSON, different bytes: keys reordered, whitespace added.
+    reordered = json.dumps(dict(reversed(list(body.items()))), indent=2).encode()
+    second = gw.handle("POST", eg.CREATE, JSON_HEADERS, reordered)
+    assert first[0] == second[0] == 200
+    assert first[2] == second[2]
+    assert dict(first[1])["X-Request-Id"] != dict(second[1])["X-Request-Id"]
+    assert len(gw.events()) == 1 and len(gw.events()[0]["history"]) == 1
+
+
+def test_replayed_update_changes_nothing_even_after_close(gw):
+    event_id = create(gw)
+    update = valid_body(eg.UPDATE, event_id=event_id, op_id="up-1", title="t2")
+    first = post(gw, eg.UPDATE, update)
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))
+    again = post(gw, eg.UPDATE, update)
+    assert first[0] == again[0] == 200 and first[2] == again[2]
+    assert len(gw.event(event_id)["history"]) == 3
+
+
+@pytest.mark.parametrize("second_route, changes", [
+    pytest.param(eg.CREATE, {"title": "other"}, id="different-body"),
+    pytest.param(eg.CREATE, {"event_time": T0 + 0.0}, id="float-is-not-int"),
+    pytest.param(eg.CREATE, {"op_id": "op-1", "attrs": {"x": True}}, id="true-is-not-1"),
+    pytest.param(eg.UPDATE, {}, id="other-route"),
+])
+def test_same_op_id_different_request_conflicts(gw, second_route, changes):
+    first = valid_body(eg.CREATE, op_id="op-1", attrs={"x": 1})
+    assert post(gw, eg.CREATE, first)[0] == 200
+    second = body_for(gw, second_route, dict({"op_id": "op-1", "attrs": {"x": 1}}, **changes))
+    assert_error(post(gw, second_route, second), 409, "op_id_conflict")
+
+
+def test_op_id_scope_is_one_channel(gw):
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-1"))[0] == 200
+    other = valid_body(eg.CREATE, op_id="op-1", channel_id=OTHER_CHANNEL, password="other-pass")
+    assert post(gw, eg.CREATE, other)[0] == 200
+    assert len(gw.events()) == 2
+
+
+def test_failed_request_does_not_record_its_op_id(gw):
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-1", severity="meh"))[0] == 400
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-1"))[0] == 200
+
+
+def test_generated_op_id_cannot_be_replayed(gw):
+    _, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE))
+    generated = envelope["data"]["op_id"]
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, op_id=generated)), 409,
+                 "op_id_conflict")
+
+
+def run_threads(count, target):
+    """Run target(i) on count threads released together; returns their results."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+
+    def run(i):
+        barrier.wait()
+        results[i] = target(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_same_op_id_makes_one_event(gw):
+    body = json.dumps(valid_body(eg.CREATE, op_id="race")).encode()
+    results = run_threads(32, lambda i: gw.handle("POST", eg.CREATE, JSON_HEADERS, body))
+    assert {status for status, _, _ in results} == {200}
+    assert len({payload for _, _, payload in results}) == 1
+    assert len(gw.events()) == 1
+
+
+def test_concurrent_distinct_creates_lose_nothing(gw):
+    def send(i):
+        body = json.dumps(valid_body(eg.CREATE, op_id="op-%d" % i)).encode()
+        return gw.handle("POST", eg.CREATE, JSON_HEADERS, body)
+
+    results = run_threads(64, send)
+    assert [status for status, _, _ in results] == [200] * 64
+    ids = {json.loads(payload)["data"]["event_id"] for _, _, payload in results}
+    assert len(ids) == 64 and {e["event_id"] for e in gw.events()} == ids
+
+
+def test_concurrent_closes_one_wins(gw):
+    event_id = create(gw)
+    body = json.dumps(valid_body(eg.CLOSE, event_id=event_id)).encode()
+    results = run_threads(16, lambda i: gw.handle("POST", eg.CLOSE, JSON_HEADERS, body))
+    codes = sorted(json.loads(payload)["error_code"] or "ok" for _, _, payload in results)
+    assert codes == ["event_closed"] * 15 + ["ok"]
+
+
+# SPEC §7 Capacity ####################################################################
+
+def test_store_full_when_every_event_is_open():
+    gw = eg.EventGateway(max_events=2)
+    first, second = create(gw), create(gw)
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE)), 503, "store_full")
+    assert [e["event_id"] for e in gw.events()] == [first, second]
+
+
+def test_closed_longest_ago_is_dropped_first_with_its_op_ids():
+    gw = eg.EventGateway(max_events=3)
+    a, b, c = create(gw, op_id="op-a"), create(gw), create(gw)
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=b))
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=a, op_id="close-a"))
+    d = create(gw)                                         # drops b, closed first
+    assert [e["event_id"] for e in gw.events()] == [a, c, d]
+    e = create(gw)                                         # drops a
+    assert [ev["event_id"] for ev in gw.events()] == [c, d, e]
+    # a's op_ids went with it: each names a new request now, not a replay of a's.
+    assert post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=c, op_id="close-a"))[0] == 200
+    assert gw.event(c)["state"] == "closed"
+    status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-a"))
+    assert status == 200 and envelope["data"]["event_id"] not in (a, c, d, e)
+
+
+def test_replay_is_answered_when_the_store_is_full():
+    gw = eg.EventGateway(max_events=1)
+    body = valid_body(eg.CREATE, op_id="op-1")
+    first = post(gw, eg.CREATE, body)
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE)), 503, "store_full")
+    again = post(gw, eg.CREATE, body)
+    assert (again[0], again[2]) == (200, first[2])
+
+
+def test_memory_stays_bounded_while_events_churn():
+    gw = eg.EventGateway(max_events=50)
+    for i in range(500):
+        event_id = create(gw, op_id="op-%d" % i)
+        post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, op_id="close-%d" % i))
+    assert len(gw.store) == 50
+    assert sum(len(ops) for ops in gw.store._ops.values()) == 100
+
+
+# SPEC §8 Test-support routes #########################################################
+
+def test_admin_events_filters(gw):
+    a = create(gw, thing_id="db-1")
+    b = create(gw, thing_id="db-2")
+    c = create(gw, channel_id=OTHER_CHANNEL, password="other-pass", thing_id="db-1")
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=b))
+
+    def ids(query):
+        status, _, envelope = call(gw, "GET", "/__admin/events" + query)
+        assert status == 200
+        return [event["event_id"] for event in envelope["data"]["events"]]
+
+    assert ids("") == [a, b, c]
+    assert ids("?thing_id=db-1") == [a, c]
+    assert ids("?channel_id=" + CHANNEL.lower()) == [a, b]
+    assert ids("?state=closed") == [b]
+    assert ids("?state=ongoing&thing_id=db-1&channel_id=" + OTHER_CHANNEL) == [c]
+
+
+@pytest.mark.parametrize("query", [
+    pytest.param("?state=open", id="unknown-state"),
+    pytest.param("?channel_id=nope", id="bad-channel"),
+    pytest.param("?colour=red", id="unknown-filter"),
+])
+def test_admin_events_bad_filter(gw, query):
+    assert_error(call(gw, "GET", "/__admin/events" + query), 400, "invalid_filter")
+
+
+def test_admin_event_by_id(gw):
+    event_id = create(gw)
+    status, _, envelope = call(gw, "GET", "/__admin/events/" + event_id)
+    assert status == 200 and envelope["data"]["event_id"] == event_id
+    assert list(envelope["data"]) == EVENT_KEYS
+    assert_error(call(gw, "GET", "/__admin/events/nope"), 404, "event_not_found")
+
+
+def test_admin_delete_events(gw):
+    create(gw, op_id="op-1")
+    create(gw)
+    status, _, envelope = call(gw, "DELETE", "/__admin/events")
+    assert (status, envelope["data"]) == (200, {"deleted": 2})
+    assert gw.events() == []
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-1", title="new"))[0] == 200
+
+
+def test_admin_channels(gw):
+    status, _, envelope = call(gw, "GET", "/__admin/channels")
+    assert envelope["data"] == {"channels": [CHANNEL, CHANNEL_8, CHANNEL_128, OTHER_CHANNEL]}
+    new = crockford(77)
+    status, _, envelope = post(gw, "/__admin/channels",
+                               {"channel_id": new.lower(), "password": "  new-password "})
+    assert (status, envelope["data"]) == (200, {"channel_id": new})
+    assert create(gw, channel_id=new, password="new-password")
+    post(gw, "/__admin/channels", {"channel_id": new, "password": "changed-password"})
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=new,
+                                                password="new-password")), 404, "channel_not_found")
+    assert "password" not in json.dumps(call(gw, "GET", "/__admin/channels")[2])
+
+
+@pytest.mark.parametrize("body, code", [
+    pytest.param({"channel_id": "bad", "password": "password1"}, "invalid_channel_id",
+                 id="bad-channel"),
+    pytest.param({"channel_id": crockford(5)}, "password_required", id="no-password"),
+    pytest.param({"channel_id": crockford(5), "password": "short"}, "invalid_password",
+                 id="short-password"),
+    pytest.param({"password": "password1"}, "channel_id_required", id="no-channel"),
+    pytest.param({"channel_id": crockford(5), "password": "password1", "x": 1},
+                 "invalid_json_data", id="unknown-field"),
+])
+def test_admin_channel_registration_rules(gw, body, code):
+    assert_error(post(gw, "/__admin/channels", body), 400, code)
+
+
+def queue_fault(gw, **fault):
+    status, _, envelope = post(gw, "/__admin/faults", fault)
+    assert status == 200, envelope
+    return envelope["data"]["queued"]
+
+
+@pytest.mark.parametrize("fault_status, code", [
+    pytest.param(401, "authentication_failed", id="401"),
+    pytest.param(429, "rate_limited", id="429"),
+    pytest.param(500, "internal_error", id="500"),
+    pytest.param(503, "server_busy", id="503"),
+])
+def test_fault_then_retry_with_same_op_id_makes_one_event(gw, fault_status, code):
+    queue_fault(gw, route=eg.CREATE, status=fault_status)
+    body = valid_body(eg.CREATE, op_id="retry-me")
+    result = post(gw, eg.CREATE, body)
+    assert_error(result, fault_status, code, "injected")
+    assert ("www-authenticate" in result[1]) is (fault_status == 401)
+    assert gw.events() == []
+    assert post(gw, eg.CREATE, body)[0] == 200
+    assert post(gw, eg.CREATE, body)[0] == 200
+    assert len(gw.events()) == 1
+
+
+def test_fault_strikes_before_body_validation(gw):
+    queue_fault(gw, route=eg.UPDATE, status=503)
+    assert_error(post(gw, eg.UPDATE, b"not json", headers={}), 503, "server_busy")
+
+
+def test_fault_count_and_order(gw):
+    assert queue_fault(gw, route="*", status=429, count=2) == 2
+    assert queue_fault(gw, route=eg.CLOSE, status=500) == 3
+    assert gw.faults() == [{"route": "*", "status": 429, "count": 2, "delay_ms": 0},
+                           {"route": eg.CLOSE, "status": 500, "count": 1, "delay_ms": 0}]
+    assert call(gw, "GET", "/healthz")[0] == 200                     # * is event routes only
+    assert call(gw, "GET", "/__admin/events")[0] == 200
+    assert post(gw, eg.UPDATE, {})[0] == 429
+    assert post(gw, eg.CLOSE, {})[0] == 429
+    assert post(gw, eg.CLOSE, {})[0] == 500
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+    assert call(gw, "GET", "/__admin/faults")[2]["data"] == {"faults": []}
+
+
+def test_fault_matches_only_its_route(gw):
+    queue_fault(gw, route=eg.CLOSE, status=503)
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+    assert len(gw.faults()) == 1
+
+
+def test_fault_after_404_401_405(gw_auth):
+    gw_auth.add_fault("*", 503, count=5)
+    assert call(gw_auth, "GET", eg.CREATE, headers={})[0] == 401
+    assert call(gw_auth, "GET", eg.CREATE, headers=TOKEN_HEADERS)[0] == 405
+    assert call(gw_auth, "POST", "/event/nope", headers={})[0] == 404
+    assert gw_auth.faults()[0]["count"] == 5
+
+
+def test_fault_delay(gw):
+    queue_fault(gw, route=eg.CREATE, status=503, delay_ms=150)
+    started = time.monotonic()
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 503
+    assert time.monotonic() - started >= 0.15
+
+
+def test_clear_faults(gw):
+    queue_fault(gw, route="*", status=503, count=4)
+    status, _, envelope = call(gw, "DELETE", "/__admin/faults")
+    assert (status, envelope["data"]) == (200, {"cleared": 4})
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"route": "/event/nope", "status": 503}, id="unknown-route"),
+    pytest.param({"route": "/healthz", "status": 503}, id="healthz-route"),
+    pytest.param({"status": 503}, id="no-route"),
+    pytest.param({"route": "*", "status": 502}, id="status-502"),
+    pytest.param({"route": "*", "status": "503"}, id="status-string"),
+    pytest.param({"route": "*", "status": 503, "count": 0}, id="count-0"),
+    pytest.param({"route": "*", "status": 503, "count": True}, id="count-true"),
+    pytest.param({"route": "*", "status": 503, "delay_ms": -1}, id="delay-negative"),
+    pytest.param({"route": "*", "status": 503, "delay_ms": 60001}, id="delay-60001"),
+])
+def test_invalid_fault(gw, fault):
+    assert_error(post(gw, "/__admin/faults", fault), 400, "invalid_fault")
+    assert gw.faults() == []
+
+
+# SPEC §9 HTTP shell #################################################################
+
+@pytest.fixture(scope="module")
+def server():
+    """One real server on an ephemeral port for this module's socket tests."""
+    with eg.serve_in_thread(eg.EventGateway(), idle_timeout=2.0) as served:
+        yield served
+
+
+@pytest.fixture
+def live(server):
+    """The module's server, emptied before each test; a silent 500 fails the test."""
+    server.gateway.reset()
+    server.gateway.clear_faults()
+    del server.gateway.internal_errors[:]
+    yield server
+    assert server.gateway.internal_errors == []
+
+
+def address(url):
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    return host, int(port)
+
+
+def connect(url, timeout=5.0):
+    return socket.create_connection(address(url), timeout=timeout)
+
+
+def read_response(sock, head_only=False):
+    """One HTTP response from sock: (status, {lower-case header: value}, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a full response head: %r" % data)
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = 0 if head_only else int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body[:length]
+
+
+def request_head(method, path, length=None, extra=()):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: test", "Content-Type: application/json"]
+    if length is not None:
+        lines.append("Content-Length: %d" % length)
+    lines.extend(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def envelope_code(body):
+    envelope = json.loads(body)
+    assert list(envelope) == ["success", "data", "error", "error_code"]
+    return envelope["error_code"]
+
+
+def closed_by_peer(sock):
+    """True when the server closed the connection (recv gives EOF or a reset)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+CREATE_BYTES = json.dumps(valid_body(eg.CREATE, tags=["db", "replica"])).encode()
+
+
+def test_http_create_through_a_real_socket(live):
+    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn.request("POST", eg.CREATE, CREATE_BYTES, JSON_HEADERS)
+    response = conn.getresponse()
+    envelope = json.loads(response.read())
+    assert response.status == 200 and envelope["success"] is True
+    assert HEX32.fullmatch(response.getheader("X-Request-Id"))
+    assert live.gateway.event(envelope["data"]["event_id"])["tags"] == ["db", "replica"]
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(live):
+    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn.connect()
+    first_socket = conn.sock
+    for _ in range(3):
+        conn.request("POST", eg.CREATE, CREATE_BYTES, JSON_HEADERS)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("Connection") is None
+        assert conn.sock is first_socket
+    # Errors keep the connection too, when the body was read.
+    conn.request("POST", eg.CREATE, b"{}", JSON_HEADERS)
+    response = conn.getresponse()
+    assert response.status == 400 and envelope_code(response.read()) == "channel_id_required"
+    assert conn.sock is first_socket
+    assert len(live.gateway.events()) == 3
+
+
+def test_expect_100_continue(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES),
+                                  ["Expect: 100-continue"]))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(CREATE_BYTES)
+        status, _, body = read_response(sock)
+    assert status == 200 and json.loads(body)["success"] is True
+
+
+def test_expect_100_refused_with_the_final_status(live):
+    head = request_head("POST", eg.CREATE, len(CREATE_BYTES), ["Expect: 100-continue"])
+    with connect(live.url) as sock:
+        sock.sendall(head.replace(b"application/json", b"text/plain"))
+        status, headers, body = read_response(sock)
+        assert (status, envelope_code(body)) == (400, "missing_json_content_type")
+        assert headers["connection"] == "close" and closed_by_peer(sock)
+    assert live.gateway.events() == []
+
+
+def test_oversized_body_gets_413_before_it_is_sent(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, 10 * 1024 * 1024))    # no body bytes sent
+        status, headers, body = read_response(sock)
+        assert (status, envelope_code(body)) == (413, "payload_too_large")
+        assert headers["connection"] == "close"
+
+
+def test_oversized_body_answer_reaches_a_client_still_sending(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, 10 * 1024 * 1024) + b"x" * 65536)
+        status, _, body = read_response(sock)
+    assert (status, envelope_code(body)) == (413, "payload_too_large")
+
+
+def test_post_without_length_gets_411(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE))
+        status, _, body = read_response(sock)
+    assert (status, envelope_code(body)) == (411, "length_required")
+
+
+def chunked(data, size=100):
+    pieces = [data[i:i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_chunked_body(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                     + chunked(CREATE_BYTES))
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["success"] is True
+        sock.sendall(request_head("GET", "/healthz", 0))        # the connection is still good
+        assert read_response(sock)[0] == 200
+
+
+def test_chunked_body_over_the_limit_gets_413(live):
+    big = json.dumps(valid_body(eg.CREATE, description="d" * 40000)).encode()
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                     + chunked(big, 8192))
+        status, headers, body = read_response(sock)
+    assert (status, envelope_code(body)) == (413, "payload_too_large")
+    assert headers["connection"] == "close"
+    assert live.gateway.events() == []
+
+
+MALFORMED_CASES = [
+    pytest.param(b"GARBAGE\r\n\r\n", 400, "bad_request", id="one-word-request-line"),
+    pytest.param(b"GET /healthz HTTP/2.0\r\n\r\n", 505, "http_version_not_supported",
+                 id="http-2-request-line"),
+    pytest.param(b"GET /healthz HTTP/1.x\r\n\r\n", 400, "bad_request", id="bad-version"),
+    pytest.param(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long",
+                 id="request-line-70000-bytes"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431,
+                 "header_fields_too_large", id="header-line-70000-bytes"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431,
+                 "header_fields_too_large", id="101-headers"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Content-Length: -1"]), 400,
+                 "bad_request", id="negative-content-length"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Content-Length: ten"]), 400,
+                 "bad_request", id="non-numeric-content-length"),
+    pytest.param(request_head("POST", eg.CREATE, 5, ["Content-Length: 6"]) + b"{}", 400,
+                 "bad_request", id="conflicting-content-lengths"),
+    pytest.param(request_head("POST", eg.CREATE, 2, ["Transfer-Encoding: chunked"]), 400,
+                 "bad_request", id="length-and-chunked"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: gzip"]), 400,
+                 "bad_request", id="unknown-transfer-encoding"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                 + b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_request", id="bad-chunk-size"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                 + b"2\r\n{}XX0\r\n\r\n", 400, "bad_request", id="chunk-not-followed-by-crlf"),
+]
+
+
+@pytest.mark.parametrize("data, status, code", MALFORMED_CASES)
+def test_malformed_http_gets_an_envelope_and_a_close(live, data, status, code):
+    with connect(live.url) as sock:
+        sock.sendall(data)
+        got_status, headers, body = read_response(sock)
+        assert (got_status, envelope_code(body)) == (status, code)
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "BREW"])
+def test_any_method_gets_the_envelope_405(live, method):
+    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn.request(method, eg.CREATE, b"{}", JSON_HEADERS)
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    assert response.getheader("Content-Type") == "application/json"
+    assert envelope_code(response.read()) == "method_not_allowed"
+
+
+def test_head_gets_a_head_without_body(live):
+    with connect(live.url) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, _ = read_response(sock, head_only=True)
+        assert status == 405 and int(headers["content-length"]) > 0
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")     # no stray body before it
+        assert read_response(sock)[0] == 200
+
+
+def test_http_1_0_closes_unless_keep_alive(live):
+    with connect(live.url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert (status, headers["connection"]) == (200, "close") and closed_by_peer(sock)
+    with connect(live.url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert read_response(sock)[1]["connection"] == "keep-alive"
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert read_response(sock)[0] == 200
+
+
+def test_idle_connection_is_closed():
+    with eg.serve_in_thread(idle_timeout=0.3) as served:
+        started = time.monotonic()
+        with connect(served.url) as idle, connect(served.url) as half_sent:
+            half_sent.sendall(b"POST /event/create HTTP/1.1\r\nContent-")
+            assert closed_by_peer(idle) and closed_by_peer(half_sent)
+        assert 0.25 < time.monotonic() - started < 3
+
+
+def test_slow_clients_do_not_delay_others(live):
+    trickling = [connect(live.url) for _ in range(20)]
+    try:
+        for sock in trickling:
+            sock.sendall(b"POST /event/create HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn.request("POST", eg.CREATE, CREATE_BYTES, JSON_HEADERS)
+        assert conn.getresponse().status == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        for sock in trickling:
+            sock.close()
+
+
+def test_client_reset_does_not_stop_the_server(live, capfd):
+    for data in (b"POST /event/create HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",
+                 request_head("POST", eg.CREATE, len(CREATE_BYTES)) + CREATE_BYTES):
+        sock = connect(live.url)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(data)
+        sock.close()                     # linger 0: the close is a reset
+    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().status == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_concurrent_same_op_id_over_http(live):
+    body = json.dumps(valid_body(eg.CREATE, op_id="http-race")).encode()
+
+    def send(i):
+        conn = http.client.HTTPConnection(*address(live.url), timeout=10)
+        conn.request("POST", eg.CREATE, body, JSON_HEADERS)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    results = run_threads(16, send)
+    assert {status for status, _ in results} == {200}
+    assert len({payload for _, payload in results}) == 1
+    assert len(live.gateway.events()) == 1
+
+
+def test_one_log_line_per_request_without_secrets():
+    import io
+    stream = io.StringIO()
+    gateway = eg.EventGateway(token="t0ken-never-logged", log=stream)
+    headers = dict(JSON_HEADERS, Authorization="Bearer t0ken-never-logged")
+    status, response_headers, _ = gateway.handle("POST", eg.CREATE + "?q=1", headers,
+                                                 json.dumps(valid_body(eg.CREATE)).encode())
+    gateway.handle("GET", "/nope\x1b[31m", {}, None)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    request_id = dict(response_headers)["X-Request-Id"]
+    assert re.fullmatch(r"POST /event/create 200 - [0-9.]+ms " + request_id, lines[0])
+    assert re.fullmatch(r"GET /nope\\x1b\[31m 404 route_not_found [0-9.]+ms [0-9a-f]{32}",
+                        lines[1])
+    assert "t0ken" not in stream.getvalue() and PASSWORD not in stream.getvalue()
+
+
+def test_serve_in_thread_stops_when_the_block_raises():
+    with pytest.raises(RuntimeError):
+        with eg.serve_in_thread() as served:
+            url = served.url
+            raise RuntimeError("test failed")
+    with pytest.raises(OSError):
+        connect(url, timeout=1).close()
+
+
+# SPEC §9 Command line ################################################################
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_gateway.py")
+
+
+def start_cli(*args):
+    """Start the CLI on a free port; returns (process, its start-up line, its base URL)."""
+    process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"] + list(args),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()     # printed once the socket listens
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    assert match, (line, process.stderr.read() if process.poll() is not None else "")
+    return process, line, match.group(0)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_cli_serves_logs_and_stops_cleanly(stop_signal):
+    process, line, url = start_cli("--token", "cli-t0ken", "--channel",
+                                   "%s:cli-password" % crockford(42))
+    try:
+        assert "auth on" in line and crockford(42) in line
+        assert "cli-t0ken" not in line and "cli-password" not in line
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        body = valid_body(eg.CREATE, channel_id=crockford(42), password="cli-password")
+        conn.request("POST", eg.CREATE, json.dumps(body),
+                     dict(JSON_HEADERS, Authorization="Bearer cli-t0ken"))
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=10) == 0
+    log = process.stderr.read()
+    assert re.search(r"^POST /event/create 200 - [0-9.]+ms [0-9a-f]{32}$", log, re.M), log
+    assert "cli-t0ken" not in log and "cli-password" not in log and "Traceback" not in log
+
+
+def test_cli_default_is_the_page_example_channel():
+    process, line, url = start_cli()
+    try:
+        assert "auth off" in line and CHANNEL in line and PASSWORD not in line
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn.request("POST", eg.CREATE, CREATE_BYTES, JSON_HEADERS)
+        assert conn.getresponse().status == 200
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["--help"], ["--port", "--token", "--channel", "--max-events", "--idle-timeout",
+                              "--quiet", "PUSHGO_TOKEN"], id="help"),
+    pytest.param(["--channel", "nope:secret-password"], ["channel_id"], id="bad-channel"),
+    pytest.param(["--channel", CHANNEL + ":short"], ["password"], id="short-password"),
+    pytest.param(["--max-events", "0"], ["--max-events"], id="zero-capacity"),
+])
+def test_cli_arguments(args, words):
+    result = subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True,
+                            timeout=20)
+    output = result.stdout + result.stderr
+    assert result.returncode == (0 if args == ["--help"] else 2), output
+    for word in words:
+        assert word in output
+    assert "secret-password" not in output and "short" not in output.replace("--", "")
+
+
+def test_cli_port_in_use_says_what_to_do(live):
+    host, port = address(live.url)
+    result = subprocess.run([sys.executable, SCRIPT, "--port", str(port)], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "--port 0" in result.stderr
+
+
+def test_every_error_code_is_expected_by_some_test():
+    # Guards the tables: a code added to ERRORS needs a test that expects it by name.
+    source = open(__file__, encoding="utf-8").read()
+    source = source[:source.index("def test_every_error_code_is_expected_by_some_test")]
+    missing = [code for code in eg.ERRORS if '"%s"' % code not in source]
+    assert not missing, "no test names these codes: %s" % missing
