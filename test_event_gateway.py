@@ -439,6 +439,15 @@ def test_success_envelope_has_the_seed_shape(gw):
     assert HEX32.fullmatch(data["op_id"]) and HEX32.fullmatch(data["event_id"])
 
 
+@pytest.mark.parametrize("thing_id", [None, "Az09_:-thing"], ids=["no-thing", "thing"])
+def test_dispatch_answer_is_exactly_json_dumps(thing_id):
+    # The answer to a dispatch is formatted from a template; it must be json.dumps' bytes.
+    data = {"channel_id": CHANNEL, "op_id": "op:1_A-z", "event_id": "e" * 32,
+            "thing_id": thing_id, "accepted": True}
+    expected = json.dumps({"success": True, "data": data, "error": None, "error_code": None})
+    assert eg._dispatch_body(CHANNEL, "op:1_A-z", "e" * 32, thing_id) == expected.encode()
+
+
 def test_request_ids_differ(gw):
     ids = {call(gw, "GET", "/healthz")[1]["x-request-id"] for _ in range(5)}
     assert len(ids) == 5
