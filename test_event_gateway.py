@@ -1122,6 +1122,15 @@ def test_fault_after_404_401_405(gw_auth):
     assert gw_auth.faults()[0]["count"] == 5
 
 
+def test_fault_strikes_before_the_size_check_of_the_head(gw):
+    queue_fault(gw, route=eg.CREATE, status=429)
+    headers = dict(JSON_HEADERS, **{"Content-Length": str(10 * 1024 * 1024)})
+    status, _, payload = gw.check_head("POST", eg.CREATE, headers)
+    assert (status, json.loads(payload)["error_code"]) == (429, "rate_limited")
+    status, _, payload = gw.check_head("POST", eg.CREATE, headers)
+    assert (status, json.loads(payload)["error_code"]) == (413, "payload_too_large")
+
+
 def test_fault_delay(gw):
     queue_fault(gw, route=eg.CREATE, status=503, delay_ms=150)
     started = time.monotonic()
@@ -1277,6 +1286,39 @@ def test_expect_100_refused_with_the_final_status(live):
     assert live.gateway.events() == []
 
 
+def test_expect_100_with_a_fault_queued_gets_the_fault(live):
+    live.gateway.add_fault(eg.CREATE, 503)
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES), ["Expect: 100-continue"]))
+        status, _, body = read_response(sock)
+    assert (status, envelope_code(body)) == (503, "server_busy")
+    assert live.gateway.faults() == [] and live.gateway.events() == []
+
+
+def test_refusal_after_a_small_body_keeps_the_connection(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", "/nope", len(CREATE_BYTES)) + CREATE_BYTES)
+        status, headers, body = read_response(sock)
+        assert (status, envelope_code(body)) == (404, "route_not_found")
+        assert "connection" not in headers
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES)) + CREATE_BYTES)
+        assert read_response(sock)[0] == 200
+
+
+def test_repeated_header_lines_are_joined(live):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES),
+                                  ["Content-Length: %d" % len(CREATE_BYTES)]) + CREATE_BYTES)
+        assert read_response(sock)[0] == 200        # the same length twice is one length
+    gateway = eg.EventGateway(token="tok")
+    with eg.serve_in_thread(gateway) as served, connect(served.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES),
+                                  ["Authorization: Bearer tok", "Authorization: Bearer tok"])
+                     + CREATE_BYTES)
+        status, _, body = read_response(sock)
+        assert (status, envelope_code(body)) == (401, "authentication_failed")
+
+
 def test_oversized_body_gets_413_before_it_is_sent(live):
     with connect(live.url) as sock:
         sock.sendall(request_head("POST", eg.CREATE, 10 * 1024 * 1024))    # no body bytes sent
@@ -1330,6 +1372,14 @@ MALFORMED_CASES = [
     pytest.param(b"GET /healthz HTTP/2.0\r\n\r\n", 505, "http_version_not_supported",
                  id="http-2-request-line"),
     pytest.param(b"GET /healthz HTTP/1.x\r\n\r\n", 400, "bad_request", id="bad-version"),
+    pytest.param(b"GET /healthz\r\n\r\n", 400, "bad_request", id="http-0-9-request-line"),
+    pytest.param(b"GET  /healthz HTTP/1.1\r\n\r\n", 400, "bad_request", id="two-spaces"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\nNo colon here\r\n\r\n", 400, "bad_request",
+                 id="header-line-without-colon"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n", 400, "bad_request",
+                 id="space-before-colon"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400, "bad_request",
+                 id="folded-header-line"),
     pytest.param(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long",
                  id="request-line-70000-bytes"),
     pytest.param(b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431,
