@@ -33,6 +33,7 @@ prints the table of contents.
 import argparse
 import collections
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import http
@@ -48,7 +49,6 @@ import threading
 import time
 import traceback
 import urllib.parse
-import uuid
 from types import MappingProxyType
 
 __all__ = ["EventGateway", "GatewayError", "make_server", "serve_in_thread", "main"]
@@ -354,8 +354,12 @@ def canonical_channel_id(value):
 
 
 def _new_event_id():
-    """SPEC §5: event_id = uuid4().hex."""
-    return uuid.uuid4().hex
+    """SPEC §5: event_id = uuid4().hex, made as uuid4() makes it (RFC 9562 §5.4):
+    16 random bytes with the version (4) and variant (10) bits set."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    return raw.hex()
 
 
 def _new_hex_id():
@@ -425,7 +429,9 @@ def check_event_id(value):
 
 
 def _bounded_text(field, value, code, max_chars):
-    text = _trimmed_string(field, value, code)
+    if not isinstance(value, str):
+        raise GatewayError(code, _must_be(field, "a string"))
+    text = value.strip()
     if not text:
         raise GatewayError(code, _must_be(field, "non-empty"))
     if len(text) > max_chars:
@@ -862,13 +868,14 @@ def _success_body(data):
 # so formatting them into json.dumps' own output gives json.dumps' bytes.
 _DISPATCH_TEMPLATE = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
                                     "thing_id": "%s", "accepted": True}).decode()
+_DISPATCH_TEMPLATE_NO_THING = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
+                                             "thing_id": None, "accepted": True}).decode()
 
 
 def _dispatch_body(channel_id, op_id, event_id, thing_id):
-    body = _DISPATCH_TEMPLATE % (channel_id, op_id, event_id, thing_id)
     if thing_id is None:
-        body = body.replace('"thing_id": "None"', '"thing_id": null')
-    return body.encode()
+        return (_DISPATCH_TEMPLATE_NO_THING % (channel_id, op_id, event_id)).encode()
+    return (_DISPATCH_TEMPLATE % (channel_id, op_id, event_id, thing_id)).encode()
 
 
 def _error_body(code, message):
@@ -992,7 +999,7 @@ class EventGateway:
         Content-Length nor a chunked body.  A query string is ignored except on
         GET /__admin/events.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if self.log is not None else 0.0
         try:
             status, extra, payload, code = 200, (), self._serve(method, path, headers, body), None
         except GatewayError as error:
@@ -1155,9 +1162,8 @@ class EventGateway:
 
     def _event_request(self, route, doc):
         # 8. Unknown fields: the first in sorted order is named.
-        unknown = doc.keys() - EVENT_FIELDS
-        if unknown:
-            raise GatewayError("invalid_json_data", "unknown field `%s`" % min(unknown))
+        if not EVENT_FIELDS.issuperset(doc):
+            _reject_unknown(doc, EVENT_FIELDS)
         # 9. Fields forbidden on this route.
         for field, code in FORBIDDEN_FIELDS[route]:
             if doc.get(field) is not None:
@@ -1482,7 +1488,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head = ["%s %d %s\r\n" % (self.protocol_version, status, _REASONS.get(status, ""))]
         head.extend("%s: %s\r\n" % pair for pair in headers)
         head.append("Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
-                    % (len(body), self.date_time_string(), self.server_version))
+                    % (len(body), self.server.http_date(), self.server_version))
         if self.close_connection:
             head.append("Connection: close\r\n")
         elif self.request_version == "HTTP/1.0":
@@ -1504,7 +1510,17 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, gateway, idle_timeout):
         self.gateway = gateway
         self.idle_timeout = idle_timeout
+        self._date = (0, "")
         super().__init__(address, _Handler)
+
+    def http_date(self):
+        """The Date header's value, formatted once per second rather than per response."""
+        now = int(time.time())
+        second, text = self._date
+        if second != now:
+            text = email.utils.formatdate(now, usegmt=True)
+            self._date = (now, text)
+        return text
 
     def server_bind(self):
         # The stdlib's server_bind() asks DNS for the host's name; we need only the port.

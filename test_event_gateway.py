@@ -770,6 +770,14 @@ def test_lifecycle_create_update_close(gw):
     assert event["history"][2]["metadata"] is None
 
 
+def test_event_ids_are_uuid4_hex(gw):
+    import uuid
+    for _ in range(50):
+        event_id = create(gw)
+        parsed = uuid.UUID(hex=event_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (event_id, 4, uuid.RFC_4122)
+
+
 def test_attrs_object_value_replaces_wholesale(gw):
     event_id = create(gw, attrs={"o": {"a": 1, "b": 2}})
     post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, attrs={"o": {"c": 3}}))
@@ -1161,6 +1169,99 @@ def test_invalid_fault(gw, fault):
     assert gw.faults() == []
 
 
+# Robustness: no input gets a 5xx #####################################################
+
+ODD_VALUES = [None, True, False, 0, -1, -0.0, 10 ** 30, 1.5, "", " ", "x" * 3000,
+              "\U0001F600", "e\u0301\u0301\u0301", "\u0000", [], [None], {}, {"": None},
+              {"a": {"b": {"c": []}}}, ["\U0001F600"] * 40, 10 ** 12, "NaN"]
+RAW_TOKENS = [b"1e400", b"-1e400", b"-0.0", b'"\\ud800"', b'"\\udc00x"', b'"\\u0000"',
+              b"[" * 5000 + b"]" * 5000, b"1" * 5000, b'"\\ud83d\\ude00"']
+ODD_CONTENT_TYPES = [None, "application/json", "application/json; charset=latin-1",
+                     "text/plain", "APPLICATION/JSON", "application/json;;;", "", "*/*"]
+
+
+def mutate(rng, route, event_id):
+    """One random request: a valid body of route with one to three mutations."""
+    body = valid_body(route, event_id=event_id) if route != eg.CREATE else valid_body(route)
+    keys = list(body)
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.randrange(6)
+        key = rng.choice(keys)
+        if kind == 0:
+            body.pop(key, None)                                       # drop a key
+        elif kind == 1:
+            body[key + rng.choice(["", "_x", "\u00e9"])] = body.get(key)   # rename/duplicate
+        elif kind == 2:
+            body[key] = rng.choice(ODD_VALUES)                        # swap a type
+        elif kind == 3:
+            body[rng.choice(["tags", "images", "attrs", "metadata"])] = rng.choice(ODD_VALUES)
+        elif kind == 4:
+            body[key] = rng.choice([body.get(key), [body.get(key)], {"k": body.get(key)}])
+        else:
+            body["op_id"] = rng.choice(["op-1", "op-2", "", None, 5])
+    data = json.dumps(body).encode()
+    damage = rng.randrange(8)
+    if damage == 0:
+        data = data[:rng.randrange(len(data))]                          # truncated
+    elif damage == 1:
+        index = rng.randrange(len(data))                                # a byte flipped
+        data = data[:index] + bytes([data[index] ^ (1 << rng.randrange(8))]) + data[index + 1:]
+    elif damage == 2:
+        data = data[:-1] + b', "title": ' + rng.choice(RAW_TOKENS) + b"}"  # raw JSON token
+    elif damage == 3:
+        data = data.replace(b'"', b'"\xff', 1)                          # invalid UTF-8
+    elif damage == 4:
+        data = data.replace(b"}", b', "title": "x", "title": "y"}', 1)  # a repeated key
+    content_type = rng.choice(ODD_CONTENT_TYPES) if rng.random() < 0.2 else "application/json"
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    return headers, data
+
+
+def test_random_mutations_never_get_a_5xx():
+    import io
+    import random
+    rng = random.Random(20261126)
+    log = io.StringIO()
+    gw = eg.EventGateway(token="fuzz-t0ken", log=log)
+    auth = {"Authorization": "Bearer fuzz-t0ken"}
+    event_ids = []
+    headers = dict(JSON_HEADERS, **auth)
+    for _ in range(3):
+        status, _, payload = gw.handle("POST", eg.CREATE, headers,
+                                       json.dumps(valid_body(eg.CREATE)).encode())
+        event_ids.append(json.loads(payload)["data"]["event_id"])
+    statuses = set()
+    for _ in range(3000):
+        route = rng.choice(eg.EVENT_ROUTES)
+        request_headers, data = mutate(rng, route, rng.choice(event_ids))
+        request_headers.update(auth)
+        status, response_headers, payload = gw.handle("POST", route, request_headers, data)
+        envelope = assert_envelope(status, response_headers, payload)
+        assert status < 500, (data, envelope)
+        assert b"pass-1234" not in payload and b"fuzz-t0ken" not in payload
+        statuses.add(status)
+    assert gw.internal_errors == []
+    assert {200, 400, 404, 409} <= statuses          # the mutations reach deep into the rules
+    assert "fuzz-t0ken" not in log.getvalue() and "pass-1234" not in log.getvalue()
+
+
+def test_thousands_of_concurrent_creates_lose_nothing(gw):
+    def send(i):
+        ids = []
+        for j in range(200):
+            body = valid_body(eg.CREATE, op_id="t%d-%d" % (i, j))
+            status, _, payload = gw.handle("POST", eg.CREATE, JSON_HEADERS,
+                                           json.dumps(body).encode())
+            assert status == 200
+            ids.append(json.loads(payload)["data"]["event_id"])
+        return ids
+
+    results = run_threads(16, send)
+    ids = [event_id for batch in results for event_id in batch]
+    assert len(ids) == len(set(ids)) == 3200
+    assert len(gw.events()) == 3200
+
+
 # SPEC §9 HTTP shell #################################################################
 
 @pytest.fixture(scope="module")
@@ -1178,6 +1279,16 @@ def live(server):
     del server.gateway.internal_errors[:]
     yield server
     assert server.gateway.internal_errors == []
+
+
+def wait_until(condition, timeout):
+    """Poll condition until it holds or timeout seconds pass; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.02)
+    return True
 
 
 def address(url):
@@ -1466,6 +1577,33 @@ def test_slow_clients_do_not_delay_others(live):
     finally:
         for sock in trickling:
             sock.close()
+
+
+def test_listen_backlog_holds_64_pending_connections():
+    # A server that is not accepting yet: the kernel queues connections up to the
+    # backlog. The stdlib's default of 5 would time out the seventh.
+    server = eg.make_server(eg.EventGateway(), port=0)
+    try:
+        pending = [socket.create_connection(server.server_address, timeout=2) for _ in range(64)]
+        for sock in pending:
+            sock.close()
+    finally:
+        server.server_close()
+
+
+def test_hundreds_of_idle_connections_do_not_block_a_new_client(live):
+    baseline = threading.active_count()
+    idle = [connect(live.url) for _ in range(300)]
+    try:
+        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    # Each connection had a thread; they end when their connections close.
+    assert wait_until(lambda: threading.active_count() <= baseline + 5, timeout=10)
 
 
 def test_client_reset_does_not_stop_the_server(live, capfd):
