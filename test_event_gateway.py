@@ -483,6 +483,14 @@ def test_strict_json(gw, body, code):
     assert_error(post(gw, eg.CREATE, body), 400, code)
 
 
+@pytest.mark.parametrize("digits, code", [
+    pytest.param(4300, "invalid_json_data", id="4300-digits-parse"),     # then: unknown field
+    pytest.param(4301, "invalid_json_syntax", id="4301-digits-do-not"),
+])
+def test_integer_length_limit(gw, digits, code):
+    assert_error(post(gw, eg.CREATE, b'{"a": ' + b"7" * digits + b"}"), 400, code)
+
+
 def test_32_levels_of_nesting_parse(gw):
     # The 32-level body gets past JSON parsing to the attrs rule (arrays are not allowed there).
     assert_error(post(gw, eg.CREATE, nested(32)), 400, "extension_object_arrays_unsupported")
