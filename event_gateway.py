@@ -436,9 +436,7 @@ def check_event_id(value):
 
 
 def _bounded_text(field, value, code, max_chars):
-    if not isinstance(value, str):
-        raise GatewayError(code, _must_be(field, "a string"))
-    text = value.strip()
+    text = _trimmed_string(field, value, code)
     if not text:
         raise GatewayError(code, _must_be(field, "non-empty"))
     if len(text) > max_chars:
@@ -978,7 +976,7 @@ class EventGateway:
         return self.store.clear()
 
     def add_fault(self, route, status, count=1, delay_ms=0):
-        """What POST /__admin/faults does, with the same checks; returns faults queued."""
+        """What POST /__admin/faults does, with the same checks; returns strikes queued."""
         fault = self._check_fault({"route": route, "status": status, "count": count,
                                    "delay_ms": delay_ms})
         with self._faults_lock:
@@ -1013,9 +1011,10 @@ class EventGateway:
             status, extra, code = error.status, error.headers, error.code
             payload = _error_body(error.code, error.message)
         except Exception:       # a bug in this module: answer 500 and keep serving
-            self.internal_errors.append(traceback.format_exc())
+            trace = traceback.format_exc()
+            self.internal_errors.append(trace)
             if self.log is not None:
-                self.log.write(traceback.format_exc())
+                self.log.write(trace)
             status, extra, code = 500, (), "internal_error"
             payload = _error_body(code, "internal error in the gateway; see its log")
         return self._finish(method, path, status, extra, payload, code, started)

@@ -661,6 +661,7 @@ FIELD_CASES = [
     pytest.param(eg.CLOSE, {"ended_at": 10 ** 12 - 1}, None, id="ended-at-last-second"),
     pytest.param(eg.CLOSE, {"ended_at": 10 ** 12}, "invalid_ended_at", id="ended-at-10-to-the-12"),
     pytest.param(eg.CLOSE, {"ended_at": "soon"}, "invalid_ended_at", id="ended-at-string"),
+    pytest.param(eg.CLOSE, {"ended_at": -1}, "invalid_ended_at", id="ended-at-minus-1"),
     # tags: at most 32 items (before de-duplication), each 1-64 characters after trim.
     pytest.param(eg.CREATE, {"tags": ["t%d" % i for i in range(32)]}, None, id="tags-32-items"),
     pytest.param(eg.CREATE, {"tags": ["t%d" % i for i in range(33)]}, "invalid_tags",
@@ -1257,6 +1258,12 @@ def test_clear_faults(gw):
     assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
 
 
+@LOCAL_ONLY
+def test_fault_limits_last_passing_values(gw):
+    assert queue_fault(gw, route="*", status=401, count=1, delay_ms=eg.MAX_FAULT_DELAY_MS) == 1
+    assert gw.faults() == [{"route": "*", "status": 401, "count": 1, "delay_ms": 60000}]
+
+
 @pytest.mark.parametrize("fault", [
     pytest.param({"route": "/event/nope", "status": 503}, id="unknown-route"),
     pytest.param({"route": "/healthz", "status": 503}, id="healthz-route"),
@@ -1563,6 +1570,13 @@ def test_post_without_length_gets_411(live):
     assert (status, envelope_code(body)) == (411, "length_required")
 
 
+def padded_line(start, length, end=b""):
+    """start, padding and end, then CRLF: a line of exactly length bytes."""
+    line = start + b"p" * (length - len(start) - len(end) - 2) + end + b"\r\n"
+    assert len(line) == length
+    return line
+
+
 def chunked(data, size=100):
     pieces = [data[i:i + size] for i in range(0, len(data), size)]
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
@@ -1602,10 +1616,10 @@ MALFORMED_CASES = [
                  id="space-before-colon"),
     pytest.param(b"GET /healthz HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400, "bad_request",
                  id="folded-header-line"),
-    pytest.param(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long",
-                 id="request-line-70000-bytes"),
-    pytest.param(b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431,
-                 "header_fields_too_large", id="header-line-70000-bytes"),
+    pytest.param(padded_line(b"GET /healthz?", eg.MAX_HEAD_LINE_BYTES + 1, b" HTTP/1.1")
+                 + b"\r\n", 414, "uri_too_long", id="request-line-65537-bytes"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\n" + padded_line(b"X: ", eg.MAX_HEAD_LINE_BYTES + 1)
+                 + b"\r\n", 431, "header_fields_too_large", id="header-line-65537-bytes"),
     pytest.param(b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431,
                  "header_fields_too_large", id="101-headers"),
     pytest.param(request_head("POST", eg.CREATE, extra=["Content-Length: -1"]), 400,
@@ -1621,6 +1635,9 @@ MALFORMED_CASES = [
     pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
                  + b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_request", id="bad-chunk-size"),
     pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                 + padded_line(b"2;pad=", eg.MAX_CHUNK_LINE_BYTES + 1) + b"{}\r\n0\r\n\r\n",
+                 400, "bad_request", id="chunk-line-1025-bytes"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
                  + b"2\r\n{}XX0\r\n\r\n", 400, "bad_request", id="chunk-not-followed-by-crlf"),
 ]
 
@@ -1633,6 +1650,23 @@ def test_malformed_http_gets_an_envelope_and_a_close(live, data, status, code):
         assert (got_status, envelope_code(body)) == (status, code)
         assert headers["content-type"] == "application/json"
         assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n", id="100-headers"),
+    pytest.param(b"GET /healthz HTTP/1.1\r\n" + padded_line(b"X: ", eg.MAX_HEAD_LINE_BYTES)
+                 + b"\r\n", id="header-line-65536-bytes"),
+    pytest.param(request_head("POST", eg.CREATE, extra=["Transfer-Encoding: chunked"])
+                 + padded_line(b"%x;pad=" % len(CREATE_BYTES), eg.MAX_CHUNK_LINE_BYTES)
+                 + CREATE_BYTES + b"\r\n0\r\n\r\n", id="chunk-line-1024-bytes"),
+    pytest.param(padded_line(b"GET /healthz?", eg.MAX_HEAD_LINE_BYTES, b" HTTP/1.1")
+                 + b"\r\n", id="request-line-65536-bytes"),
+])
+def test_http_limits_last_passing_value(live, data):
+    with connect(live.url) as sock:
+        sock.sendall(data)
+        status, _, body = read_response(sock)
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "BREW"])
