@@ -741,14 +741,15 @@ def _merge(event, fields):
         event[name] = value
 
 
-# One accepted request of an event's history (SPEC §5), as a plain tuple:
-# (route, op_id, event_time, received_at, fields, metadata), where fields holds
-# the values in BUSINESS_FIELDS order, None where the request did not carry one.
+# One accepted request of an event's history (SPEC §5), as one flat tuple:
+# (route, op_id, event_time, received_at, metadata, then the business fields
+# it carried in BUSINESS_FIELDS order, None where it did not carry one).
 def _dispatch_view(dispatch):
-    route, op_id, event_time, received_at, fields, metadata = dispatch
+    route, op_id, event_time, received_at, metadata = dispatch[:5]
     return {"route": route, "op_id": op_id, "event_time": event_time,
             "received_at": received_at,
-            "fields": {name: _copy_json(value) for name, value in zip(BUSINESS_FIELDS, fields)
+            "fields": {name: _copy_json(value)
+                       for name, value in zip(BUSINESS_FIELDS, dispatch[5:])
                        if value is not None},
             "metadata": _copy_json(metadata)}
 
@@ -798,11 +799,14 @@ class EventStore:
                     raise GatewayError("op_id_conflict", "op_id was already used in this channel "
                                        "for a different request; use a new op_id")
                 return known_body
+            if op_id is None:
+                op_id = _new_hex_id()       # SPEC §6: absent -> generated (digest stays None)
             thing_id = fields.pop("thing_id", None)
             event_time = fields.pop("event_time")
             metadata = fields.pop("metadata", None)
             event_id = fields.pop("event_id", None)
-            carried = tuple(map(fields.get, BUSINESS_FIELDS))
+            dispatch = (route, op_id, event_time, received_at, metadata,
+                        *map(fields.get, BUSINESS_FIELDS))
             if route == CREATE:
                 # 15. Capacity.
                 self._make_room()
@@ -821,11 +825,9 @@ class EventStore:
                 fields["updated_at"] = received_at
             # 16. Apply, record the op_id and the dispatch, answer.
             _merge(event, fields)
-            if op_id is None:
-                op_id = _new_hex_id()
             body = _dispatch_body(channel_id, op_id, event["event_id"], event["thing_id"])
             ops[op_id] = _GENERATED_OP if digest is None else (digest, body)
-            event["history"] += ((route, op_id, event_time, received_at, carried, metadata),)
+            event["history"] += (dispatch,)
             self._events[event["event_id"]] = _pack(event)
             return body
 
@@ -1233,7 +1235,7 @@ class EventGateway:
         # Unknown channel and wrong password are one answer: no oracle for which.
         if expected is None or not _same_secret(password, expected):
             raise GatewayError("channel_not_found", "no channel with this channel_id and password")
-        return channel_id
+        return sys.intern(channel_id)       # stored with each event: one copy, not one per event
 
     # -- liveness and the test-support routes (SPEC §1, §8) --------------------------
 
