@@ -683,7 +683,8 @@ EVENT_FILTERS = frozenset({"channel_id", "thing_id", "state"})
 # EVENT_KEYS order (the SPEC §8 shape): strings, numbers, None, dicts of those
 # (attrs), and tuples: tags and images are tuples of strings, a history is a
 # tuple of dispatches and a dispatch a plain tuple.  A tuple is smaller than a
-# dict (1108 rather than 1404 bytes per stored example event), and CPython's
+# dict (all told, 962 bytes per stored example event, against 1404 with each
+# event a dict and each dispatch two nested tuples), and CPython's
 # garbage collector stops tracking tuples that hold only untracked values (one
 # nesting level per pass), so old events cost it nothing; main() also makes
 # full passes rare (see there).  The store unpacks a record into a dict to
