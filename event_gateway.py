@@ -1359,8 +1359,9 @@ def _tokens(value):
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Moves bytes between a socket and EventGateway; decides nothing of the contract.
 
-    What it overrides of the stdlib and why: HTTP/1.1 keep-alive and an idle
-    timeout; every method reaches the gateway (no HTML 501); send_error() sends
+    What it overrides of the stdlib and why: its own request-head reader
+    (parse_request, see there); HTTP/1.1 keep-alive and an idle timeout (setup);
+    every method reaches the gateway (no HTML 501); send_error() sends
     the JSON envelope; Expect: 100-continue runs the gateway's pre-body checks;
     one write per response (two writes cost ~40 ms with Nagle and delayed ACK);
     no stdlib logging (the gateway logs one line per request).
