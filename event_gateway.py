@@ -1646,7 +1646,8 @@ def _parse_channels(parser, specs):
         try:
             if not sep:
                 raise GatewayError("invalid_password", "missing :PASSWORD")
-            channels[check_channel_id(channel_id)] = check_password(password)
+            canonical = check_channel_id(channel_id)     # the id first, as in SPEC §2.10
+            channels[canonical] = check_password(password)
         except GatewayError as error:
             # The message names the rule, never the password.
             parser.error("--channel %s:...: %s" % (channel_id[:40], error.message))

@@ -1867,6 +1867,7 @@ def test_cli_default_is_the_page_example_channel():
     pytest.param(["--help"], ["--port", "--token", "--channel", "--max-events", "--idle-timeout",
                               "--quiet", "PUSHGO_TOKEN"], id="help"),
     pytest.param(["--channel", "nope:secret-password"], ["channel_id"], id="bad-channel"),
+    pytest.param(["--channel", "nope:x"], ["channel_id"], id="bad-channel-and-password"),
     pytest.param(["--channel", CHANNEL + ":short"], ["password"], id="short-password"),
     pytest.param(["--max-events", "0"], ["--max-events"], id="zero-capacity"),
 ])
