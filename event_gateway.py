@@ -2,37 +2,70 @@
 
 The Event API tells a channel's devices that something started, changed and
 ended: ``POST /event/create``, ``/event/update`` and ``/event/close``.  This
-module accepts exactly what the contract accepts, answers exactly what it
-answers, and keeps the events in memory so that a test can look at them.
+module accepts exactly what the production gateway accepts and the public API
+page documents, answers as they answer, and keeps the events in memory so that
+a test can look at them.  A client that passes here must not fail against
+production, and a client that follows the public page must not be refused
+here.  This is a test double and a readable specification, not a production
+server.
 
 Run it::
 
-    python event_gateway.py              # http://127.0.0.1:6666, the page's example channel
+    python event_gateway.py              # http://127.0.0.1:6666/, the page's example channel
     python event_gateway.py --help
+
+and open http://127.0.0.1:6666/ in a browser to watch requests and events
+arrive (the live page, the last section of this module).
 
 Embed it in a test suite (copy this one file into your project)::
 
     import event_gateway
     with event_gateway.serve_in_thread() as (url, gateway):
-        ...  # point your client at url; look at gateway.events()
+        ...  # point your client at url; then gateway.wait_for_events(count=1)
 
 Or call the sans-I/O core directly, with no socket at all::
 
     status, headers, body = event_gateway.EventGateway().handle(
         "POST", "/event/create", {"content-type": "application/json"}, b'{...}')
 
-The contract is SPEC.md; comments of the form "SPEC §2.5" cite its sections.
-This is a test double and a readable specification, not a production server.
+The processing order.  Every request goes through these steps; the first
+that fails answers, and comments below cite them as "step N":
 
-Reading order: limits, error codes, strict JSON, one ``check_<field>`` per
-field rule, the route table, the event store, the core, the HTTP shell, the
-test helper and the command line.  ``grep -n '^# .*###' event_gateway.py``
-prints the table of contents.
+ 1. Unknown path: 404 route_not_found (no token needed to learn this).
+ 2. Gateway token, when one is set: 401 authentication_failed.
+ 3. Method other than the route's: 405 method_not_allowed, with Allow.
+    (A queued fault strikes here, after step 3: see "Faults".)
+ 4. Content-Type other than application/json on a route that takes JSON:
+    400 missing_json_content_type.
+ 5. No body length: 411 length_required; a body over MAX_BODY_BYTES:
+    413 payload_too_large, decided from the head before the body is read.
+ 6. Not one strict JSON document in UTF-8: 400 invalid_json_syntax.
+ 7. Not an object, or an object that repeats a key: 400 invalid_json_data.
+ 8. Unknown fields: 400 invalid_json_data, naming every one.
+ 9. A field the route forbids (FORBIDDEN_FIELDS).
+10. Channel credentials: channel_id, then password, then the lookup
+    (404 channel_not_found for an unknown channel or a wrong password alike).
+11. Required fields: event_id, then the route's REQUIRED_FIELDS, then
+    event_time.
+12. The field rules (FIELD_RULES, one check_<field> each), in table order.
+13. Idempotency: a known op_id replays its answer or conflicts (409).
+14. Event state: 404 event_not_found, 409 event_closed, 409
+    thing_id_mismatch, 400 invalid_ended_at.
+15. Store capacity: 503 store_full.
+16. Apply atomically and answer 200.
+
+Reading order: limits, error codes, strict JSON, the field rules, the route
+table, the event store, the request journal, the core, the HTTP shell, the
+test helper, the command line and, last, the live page.
+``grep -n '^# .*###' event_gateway.py`` prints the table of contents.
 """
 
 import argparse
+import base64
 import collections
 import contextlib
+import difflib
+import errno
 import email.utils
 import gc
 import hashlib
@@ -42,6 +75,8 @@ import http.server
 import json
 import math
 import os
+import platform
+import random
 import re
 import signal
 import socket
@@ -56,45 +91,67 @@ __all__ = ["EventGateway", "GatewayError", "make_server", "serve_in_thread", "ma
 
 
 # Limits and defaults ###########################################################
+#
+# "prod" marks a figure carried over from the production gateway (v1.2.9), "the
+# page" one from the public API page; the rest are this gateway's own.
 
-MAX_BODY_BYTES = 32768        # SPEC §2.5 (prod): larger bodies get 413 before being read
-MAX_JSON_DEPTH = 32           # SPEC §2.6: objects and arrays each count; the top-level object is 1
+MAX_BODY_BYTES = 32768        # step 5 (prod): larger bodies get 413 before being read
+MAX_JSON_DEPTH = 32           # step 6: objects and arrays each count; the top-level object is 1
 MAX_INT_DIGITS = 4300         # CPython's own limit since 3.11: parsing longer integers is quadratic
-MAX_TOKEN_CHARS = 4096        # SPEC §2.2: longest bearer token accepted
-DEFAULT_HOST = "127.0.0.1"    # SPEC §9 (prod's default address)
-DEFAULT_PORT = 6666           # SPEC §9 (prod's default address)
-DEFAULT_MAX_EVENTS = 100000   # SPEC §7
-IDLE_TIMEOUT_S = 5.0          # SPEC §9: a connection with no byte for this long is closed
+MAX_TOKEN_CHARS = 4096        # step 2: longest bearer token accepted
+DEFAULT_HOST = "127.0.0.1"    # prod's default address
+DEFAULT_PORT = 6666           # prod's default address
+DEFAULT_MAX_EVENTS = 100000   # events kept; closed ones are dropped first (Store)
+DEFAULT_MAX_HISTORY = 1000    # dispatches kept per event, the create included (Store)
+DEFAULT_MAX_REQUESTS = 1000   # entries kept by the request journal; 0 turns it off
+MAX_CHANNELS = 10000          # registered channels, the start-up ones included
+MAX_FAULTS = 1000             # queued fault entries
+IDLE_TIMEOUT_S = 5.0          # a connection with no byte for this long is closed
+MAX_IDLE_TIMEOUT_S = 3600     # the longest --idle-timeout accepted
 LISTEN_BACKLOG = 1024         # the stdlib's 5 drops connections under 64 concurrent clients
-MAX_FAULT_DELAY_MS = 60000    # this gateway's own bound for POST /__admin/faults delay_ms
+ACCEPT_BACKOFF_S = 0.1        # pause before accepting again when out of file descriptors
+MAX_FAULT_DELAY_MS = 60000    # longest delay_ms of a queued fault
+MAX_RETRY_AFTER_S = 3600      # longest retry_after_s of a queued fault
+MAX_WAIT_MS = 30000           # longest ?wait_ms= of the admin lists
+MAX_WAIT_COUNT = 1000         # largest ?count= of the admin lists
 MAX_CHUNK_LINE_BYTES = 1024   # longest chunk-size line of a chunked body we read
 MAX_HEAD_LINE_BYTES = 65536   # longest request line or header line (the stdlib's limit: 414, 431)
 MAX_HEADER_LINES = 100        # most header lines in one request (the stdlib's limit: 431)
+MAX_HEAD_BYTES = 131072       # all header lines of one request together (431), so that the
+                              # journal's worst case is bounded (README, "Limits")
+MAX_LOG_LINE_CHARS = 400      # one request's log line is cut to this length
+OWS = " \t"                   # the only optional whitespace of HTTP (RFC 9110 5.6.3)
 
-# SPEC §9: with no --channel, the public page's example channel, so that its curl example works.
+# With no --channel, the public page's example channel, so that its curl example works.
 EXAMPLE_CHANNEL_ID = "06J0FZG1Y8XGG14VTQ4Y3G10MR"
 EXAMPLE_CHANNEL_PASSWORD = "pass-1234"
 
-# SPEC §4: the field limits, in Unicode characters.
-PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS = 8, 128
+# The field limits (FIELD_RULES).  _CHARS limits count Unicode characters, _BYTES
+# limits count the UTF-8 bytes of the trimmed text, as production counts them.
+PASSWORD_MIN_BYTES, PASSWORD_MAX_BYTES = 8, 128          # the page, counted as prod counts
 OP_ID_MAX_CHARS = 128
 THING_ID_MAX_CHARS = 64
 EVENT_ID_MAX_CHARS = 64
 TITLE_MAX_CHARS = 256          # this gateway's own limit (the page gives none)
 DESCRIPTION_MAX_CHARS = 4096   # this gateway's own limit (the page gives none)
-STATUS_MAX_CHARS = 24
-MESSAGE_MAX_CHARS = 512
+STATUS_MAX_CHARS = 24          # the page
+MESSAGE_MAX_CHARS = 512        # the page
 SEVERITIES = ("critical", "high", "normal", "low")
-UNIX_SECONDS_LIMIT = 10 ** 12  # SPEC §4 event_time: 0 <= t < 10^12 (seconds, not milliseconds)
-TAGS_MAX_ITEMS, TAG_MAX_CHARS = 32, 64
-IMAGES_MAX_ITEMS, IMAGE_MAX_CHARS = 32, 2048
-METADATA_KEY_MAX_CHARS = 64
-METADATA_VALUE_MAX_CHARS = 512
+TAGS_MAX_ITEMS, TAG_MAX_BYTES = 32, 64                   # the page, counted as prod counts
+IMAGES_MAX_ITEMS, IMAGE_MAX_BYTES = 32, 2048             # the page, counted as prod counts
+METADATA_KEY_MAX_BYTES = 64                              # the page, counted as prod counts
+METADATA_VALUE_MAX_BYTES = 512                           # the page, counted as prod counts
 
-# SPEC §4: op_id, thing_id and event_id share one alphabet.
+# Timestamps (event_time, started_at, ended_at) are whole numbers, as prod parses
+# them; prod tells the unit by size.  All are kept as integer Unix milliseconds.
+SECONDS_BELOW = 10 ** 12       # 0 <= t < 10^12: Unix seconds (the seed page's unit)
+MILLISECONDS_BELOW = 10 ** 14  # 10^12 <= t < 10^14: Unix milliseconds (today's page)
+MICROSECONDS_BELOW = 10 ** 17  # only for the message: what a larger number probably is
+
+# op_id, thing_id and event_id share one alphabet (FIELD_RULES).
 _ID_CHARS = re.compile(r"[A-Za-z0-9_:\-]+")
 
-# SPEC §4 channel_id: Crockford base32 (no I, L, O, U), read leniently, echoed canonically.
+# channel_id: Crockford base32 (no I, L, O, U), read leniently, echoed canonically.
 CROCKFORD_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CROCKFORD_SYMBOLS = 26                                   # 26 x 5 bits = 130 >= 128
 _CROCKFORD_VALUE = MappingProxyType({c: i for i, c in enumerate(CROCKFORD_ALPHABET)})
@@ -104,31 +161,32 @@ _CROCKFORD_ALIASES = str.maketrans({"O": "0", "I": "1", "L": "1", "-": None})
 
 # Error codes and messages ######################################################
 
-# Every error code of the contract with its HTTP status, in the order of SPEC §2.
+# Every error code with its HTTP status, in the order of the processing steps.
 ERRORS = MappingProxyType({
-    "route_not_found": 404,                              # §2.1
-    "authentication_failed": 401,                        # §2.2 (and injected faults, §8)
-    "method_not_allowed": 405,                           # §2.3
-    "missing_json_content_type": 400,                    # §2.4
-    "payload_too_large": 413,                            # §2.5
-    "length_required": 411,                              # §2.5
-    "invalid_json_syntax": 400,                          # §2.6
-    "invalid_json_data": 400,                            # §2.7, §2.8
-    "event_id_forbidden_on_create": 400,                 # §2.9
+    "route_not_found": 404,                              # step 1
+    "authentication_failed": 401,                        # step 2 (and injected faults)
+    "method_not_allowed": 405,                           # step 3
+    "missing_json_content_type": 400,                    # step 4
+    "payload_too_large": 413,                            # step 5
+    "length_required": 411,                              # step 5
+    "invalid_json_syntax": 400,                          # step 6
+    "invalid_json_data": 400,                            # steps 7 and 8
+    "event_id_forbidden_on_create": 400,                 # step 9
     "ended_at_forbidden_on_create": 400,
     "event_temporal_fields_forbidden_on_update": 400,
     "started_at_forbidden_on_close": 400,
-    "channel_id_required": 400,                          # §2.10
+    "channel_id_required": 400,                          # step 10
     "invalid_channel_id": 400,
     "password_required": 400,
     "invalid_password": 400,
     "channel_not_found": 404,
-    "event_id_required": 400,                            # §2.11
+    "event_id_required": 400,                            # step 11
     "event_create_required_fields_missing": 400,
     "event_update_required_fields_missing": 400,
     "event_time_required": 400,
-    "invalid_op_id": 400,                                # §2.12, the rows of §4
+    "invalid_op_id": 400,                                # step 12, the rows of FIELD_RULES
     "invalid_thing_id": 400,
+    "invalid_ciphertext": 400,
     "invalid_event_id": 400,
     "invalid_title": 400,
     "invalid_description": 400,
@@ -137,7 +195,7 @@ ERRORS = MappingProxyType({
     "invalid_severity": 400,
     "invalid_event_time": 400,
     "invalid_started_at": 400,
-    "invalid_ended_at": 400,                             # also §2.14: ended_at before started_at
+    "invalid_ended_at": 400,                             # also step 14: ended_at before started_at
     "invalid_tags": 400,
     "invalid_images": 400,
     "invalid_attrs": 400,
@@ -151,14 +209,16 @@ ERRORS = MappingProxyType({
     "metadata_key_duplicate": 400,
     "metadata_value_required": 400,
     "metadata_value_too_long": 400,
-    "op_id_conflict": 409,                               # §2.13
-    "event_not_found": 404,                              # §2.14
+    "op_id_conflict": 409,                               # step 13
+    "event_not_found": 404,                              # step 14
     "event_closed": 409,
     "thing_id_mismatch": 409,
-    "store_full": 503,                                   # §2.15
-    "internal_error": 500,                               # §3 (and injected faults, §8)
-    "rate_limited": 429,                                 # §8 injected faults only
-    "server_busy": 503,                                  # §8 injected faults only
+    "store_full": 503,                                   # step 15
+    "internal_error": 500,                               # a bug (and injected faults)
+    "rate_limited": 429,                                 # injected faults only
+    "server_busy": 503,                                  # injected faults only
+    "too_many_channels": 409,                            # MAX_CHANNELS (test-support routes)
+    "too_many_faults": 409,                              # MAX_FAULTS (test-support routes)
     # This gateway's own codes (README, "contract"): admin input and broken HTTP framing.
     "invalid_fault": 400,
     "invalid_filter": 400,
@@ -168,7 +228,7 @@ ERRORS = MappingProxyType({
     "http_version_not_supported": 505,
 })
 
-# SPEC §8: an injected fault answers with the status and the code prod uses for it.
+# An injected fault of kind "status" answers with the code prod uses for its status.
 FAULT_CODES = MappingProxyType({
     401: "authentication_failed",
     429: "rate_limited",
@@ -184,7 +244,7 @@ _SHELL_ERROR_CODES = MappingProxyType({
     505: "http_version_not_supported",
 })
 
-_AUTH_CHALLENGE = (("WWW-Authenticate", "Bearer"),)   # SPEC §2.2
+_AUTH_CHALLENGE = (("WWW-Authenticate", "Bearer"),)   # step 2
 
 
 class GatewayError(Exception):
@@ -208,6 +268,11 @@ def _too_long(field, limit):
     return "%s is too long (max %d characters)" % (field, limit)
 
 
+def _too_long_bytes(subject, limit):
+    # subject is "<field> items are" or "<field> keys are": these limits count each item.
+    return "%s too long (max %d bytes of UTF-8)" % (subject, limit)
+
+
 def _must_be(field, what):
     return "%s must be %s" % (field, what)
 
@@ -219,7 +284,7 @@ def _required(fields):
 # Strict JSON and small helpers #################################################
 
 class _DuplicateKey(Exception):
-    """An object of the document repeats a key (SPEC §2.7)."""
+    """An object of the document repeats a key (step 7)."""
 
 
 def _object_without_duplicates(pairs):
@@ -234,7 +299,7 @@ def _object_without_duplicates(pairs):
 
 
 def _reject_constant(name):
-    # SPEC §2.6: NaN, Infinity and -Infinity are not JSON.
+    # Step 6: NaN, Infinity and -Infinity are not JSON.
     raise ValueError("%s is not allowed in JSON" % name)
 
 
@@ -256,7 +321,10 @@ def _decode_json(decoder, text):
         return decoder.decode(text)
     except (ValueError, RecursionError) as exc:
         # JSONDecodeError is a ValueError; so are NaN and over-long integers.
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "too deep"
+        if isinstance(exc, json.JSONDecodeError):
+            detail = "%s at line %d, column %d" % (exc.msg, exc.lineno, exc.colno)
+        else:
+            detail = str(exc) or "too deep"
         raise GatewayError("invalid_json_syntax", "body is not valid JSON: %s" % detail) from None
 
 
@@ -301,7 +369,7 @@ def _has_lone_surrogate(value):
 
 
 def parse_json_body(body):
-    """SPEC §2.6 and §2.7: one strict JSON object in UTF-8, or a GatewayError.
+    """Steps 6 and 7: one strict JSON object in UTF-8, or a GatewayError.
 
     Strict means: valid UTF-8 without a BOM; no NaN or Infinity; no trailing
     data; at most MAX_JSON_DEPTH levels; no lone surrogate escapes; then the
@@ -335,7 +403,7 @@ def parse_json_body(body):
 
 
 def _is_number(value):
-    # SPEC §4: JSON true/false is never a number.
+    # JSON true/false is never a number.
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -345,12 +413,12 @@ def _is_finite(number):
 
 
 def _is_blank(value):
-    """SPEC §2.11: absent, null, or a string empty after trimming counts as missing."""
+    """Step 11: absent, null, or a string empty after trimming counts as missing."""
     return value is None or (isinstance(value, str) and not value.strip())
 
 
 def canonical_channel_id(value):
-    """SPEC §4 channel_id: the canonical upper-case Crockford form, or None if malformed."""
+    """channel_id: the canonical upper-case Crockford form, or None if malformed."""
     if not isinstance(value, str) or not value.isascii():
         return None
     symbols = "".join(value.split()).upper().translate(_CROCKFORD_ALIASES)
@@ -362,7 +430,7 @@ def canonical_channel_id(value):
 
 
 def _new_event_id():
-    """SPEC §5: event_id = uuid4().hex, made as uuid4() makes it (RFC 9562 §5.4):
+    """event_id = uuid4().hex, made as uuid4() makes it (RFC 9562 §5.4):
     16 random bytes with the version (4) and variant (10) bits set."""
     raw = bytearray(os.urandom(16))
     raw[6] = raw[6] & 0x0F | 0x40
@@ -371,26 +439,33 @@ def _new_event_id():
 
 
 def _new_hex_id():
-    """A 32-char lowercase hex id for generated op_ids and request ids (SPEC §3, §6)."""
+    """A 32-char lowercase hex id for generated op_ids and request ids."""
     return os.urandom(16).hex()
 
 
 def _same_secret(given, expected):
-    """Constant-time comparison of two strings (SPEC §2.2, §2.10)."""
+    """Constant-time comparison of two strings (steps 2 and 10)."""
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
                                expected.encode("utf-8", "surrogatepass"))
 
 
 # Field rules ###################################################################
 #
-# One check_<field>(value) per row of SPEC §4, in the table's order.  Each one
-# takes a value that is present and not null (SPEC §4: null is absent), and
-# returns it normalised, or None where the rule says the value counts as absent.
+# One check_<field>(value) per field, in FIELD_RULES order.  Each one takes a
+# value that is present and not null (a top-level null counts as absent, but
+# for images and attrs: NOT_NULL_FIELDS), and returns it normalised, or None
+# where the rule says the value counts as absent.  Every string is trimmed of
+# surrounding whitespace before it is checked and stored.
 
 def _trimmed_string(field, value, code):
     if not isinstance(value, str):
         raise GatewayError(code, _must_be(field, "a string"))
     return value.strip()
+
+
+def _utf8_bytes(text):
+    """How production counts a limit marked _BYTES: the UTF-8 bytes of the text."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _identifier(field, value, code, max_chars):
@@ -412,11 +487,11 @@ def check_channel_id(value):
 
 
 def check_password(value):
-    """Required on all routes; 8-128 characters after trimming."""
+    """Required on all routes; 8-128 UTF-8 bytes after trimming."""
     text = _trimmed_string("password", value, "invalid_password")
-    if not PASSWORD_MIN_CHARS <= len(text) <= PASSWORD_MAX_CHARS:
+    if not PASSWORD_MIN_BYTES <= _utf8_bytes(text) <= PASSWORD_MAX_BYTES:
         raise GatewayError("invalid_password", _must_be(
-            "password", "%d-%d characters" % (PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS)))
+            "password", "%d-%d bytes of UTF-8" % (PASSWORD_MIN_BYTES, PASSWORD_MAX_BYTES)))
     return text
 
 
@@ -429,6 +504,14 @@ def check_thing_id(value):
     """Optional; 1-64 of A-Z a-z 0-9 _ : -; an empty string is absent."""
     thing_id = _identifier("thing_id", value, "invalid_thing_id", THING_ID_MAX_CHARS)
     return sys.intern(thing_id) if thing_id else None
+
+
+def check_ciphertext(value):
+    """Optional; a string (the end-to-end encrypted payload); an empty one is absent.
+
+    No limit but the body's.  It belongs to the dispatch: the event's history
+    shows it in that dispatch's fields; the event itself never holds it."""
+    return _trimmed_string("ciphertext", value, "invalid_ciphertext") or None
 
 
 def check_event_id(value):
@@ -481,35 +564,51 @@ def check_severity(value):
     return severity
 
 
-def _unix_seconds(field, value, code):
+def _timestamp(field, value, code):
+    """A whole number of Unix seconds or milliseconds, as integer milliseconds.
+
+    Production parses whole numbers only and tells the unit by size: below
+    SECONDS_BELOW seconds, below MILLISECONDS_BELOW milliseconds.  Each
+    refusal says what to send instead and names the likely cause."""
+    if isinstance(value, str):
+        raise GatewayError(code, "%s must be a JSON number, not a string: send whole Unix "
+                                 "seconds or milliseconds without quotes" % field)
     if not _is_number(value):
-        raise GatewayError(code, _must_be(field, "a number of Unix seconds"))
-    if not _is_finite(value):
-        raise GatewayError(code, _must_be(field, "a finite number of Unix seconds"))
+        raise GatewayError(code, _must_be(field, "a whole number of Unix seconds or milliseconds"))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise GatewayError(code, _must_be(field, "a finite whole number of Unix seconds or "
+                                                     "milliseconds"))
+        raise GatewayError(code, "%s must be whole Unix seconds or milliseconds, with no fraction "
+                                 "or exponent: round it (time.time() has a fraction; send "
+                                 "int(time.time()) or int(time.time() * 1000))" % field)
     if value < 0:
-        raise GatewayError(code, _must_be(field, "Unix seconds, not negative"))
-    if value >= UNIX_SECONDS_LIMIT:
-        raise GatewayError(code, "%s must be Unix seconds below 10^12; this value looks like "
-                                 "milliseconds (divide it by 1000)" % field)
-    return value
+        raise GatewayError(code, "%s must not be negative: send whole Unix seconds or "
+                                 "milliseconds" % field)
+    if value >= MILLISECONDS_BELOW:
+        likely = ("microseconds (divide by 1000)" if value < MICROSECONDS_BELOW
+                  else "nanoseconds (divide by 1000000)")
+        raise GatewayError(code, "%s is too large for Unix milliseconds (below 10^14); it looks "
+                                 "like %s" % (field, likely))
+    return value * 1000 if value < SECONDS_BELOW else value
 
 
 def check_event_time(value):
-    """Required on all routes; Unix seconds, finite, 0 <= t < 10^12."""
-    return _unix_seconds("event_time", value, "invalid_event_time")
+    """Required on all routes; a timestamp (whole seconds or milliseconds)."""
+    return _timestamp("event_time", value, "invalid_event_time")
 
 
 def check_started_at(value):
-    """Create only; like event_time; defaults to event_time."""
-    return _unix_seconds("started_at", value, "invalid_started_at")
+    """Create only; a timestamp; defaults to event_time."""
+    return _timestamp("started_at", value, "invalid_started_at")
 
 
 def check_ended_at(value):
-    """Close only; like event_time; defaults to event_time; not before started_at (§5)."""
-    return _unix_seconds("ended_at", value, "invalid_ended_at")
+    """Close only; a timestamp; defaults to event_time; not before started_at (step 14)."""
+    return _timestamp("ended_at", value, "invalid_ended_at")
 
 
-def _string_list(field, value, code, max_items, max_chars):
+def _string_list(field, value, code, max_items, max_bytes):
     if not isinstance(value, list):
         raise GatewayError(code, _must_be(field, "an array of strings"))
     if len(value) > max_items:       # counted before de-duplication
@@ -521,21 +620,21 @@ def _string_list(field, value, code, max_items, max_chars):
         text = item.strip()
         if not text:
             raise GatewayError(code, "%s items must be non-empty" % field)
-        if len(text) > max_chars:
-            raise GatewayError(code, "%s items are too long (max %d characters)" % (field, max_chars))
+        if _utf8_bytes(text) > max_bytes:
+            raise GatewayError(code, _too_long_bytes(field + " items are", max_bytes))
         items.append(text)
     return tuple(dict.fromkeys(items))    # de-duplicated after trim, first order kept
 
 
 def check_tags(value):
-    """Optional; at most 32 strings, each 1-64 characters after trim; de-duplicated."""
-    tags = _string_list("tags", value, "invalid_tags", TAGS_MAX_ITEMS, TAG_MAX_CHARS)
+    """Optional; at most 32 strings, each 1-64 UTF-8 bytes after trim; de-duplicated."""
+    tags = _string_list("tags", value, "invalid_tags", TAGS_MAX_ITEMS, TAG_MAX_BYTES)
     return tuple(map(sys.intern, tags))
 
 
 def check_images(value):
-    """Optional; at most 32 strings, each 1-2048 characters after trim; de-duplicated."""
-    return _string_list("images", value, "invalid_images", IMAGES_MAX_ITEMS, IMAGE_MAX_CHARS)
+    """Optional, not null; at most 32 strings, each 1-2048 UTF-8 bytes after trim; de-duplicated."""
+    return _string_list("images", value, "invalid_images", IMAGES_MAX_ITEMS, IMAGE_MAX_BYTES)
 
 
 def _is_scalar(value):
@@ -543,34 +642,29 @@ def _is_scalar(value):
     return isinstance(value, (str, bool)) or (_is_number(value) and _is_finite(value))
 
 
-def _check_attrs_entry(key, value, inner):
-    if not key.strip():
-        raise GatewayError("extension_object_key_required", "attrs keys must be non-empty")
-    if isinstance(value, list):
-        raise GatewayError("extension_object_arrays_unsupported", "attrs values cannot be arrays")
-    if isinstance(value, dict):
-        if inner:
-            raise GatewayError("extension_object_nested_object_unsupported",
-                               "attrs objects cannot hold objects (one level only)")
-    elif value is not None and not _is_scalar(value):
-        raise GatewayError("invalid_attrs", "attrs numbers must be finite")
-
-
 def check_attrs(value):
-    """Optional object patch: scalar, null (delete) or a one-level object of scalars/null.
+    """Optional, not null; an object patch, checked in one pass as production checks it.
 
-    Checked value by value in document order, the outer level before the inner
-    objects, so the first violation in that order is the one reported.
-    """
+    Top-level entries in document order, the first violation wins: a blank key;
+    an array value; an object value whose own values include an array or an
+    object (its keys are not checked).  Other values are scalars or null (null
+    deletes the key).  Keys and values are stored as sent."""
     if not isinstance(value, dict):
         raise GatewayError("invalid_attrs", _must_be("attrs", "an object"))
     for key, item in value.items():
-        _check_attrs_entry(key, item, inner=False)
-    for item in value.values():
-        if isinstance(item, dict):
-            for key, inner_item in item.items():
-                _check_attrs_entry(key, inner_item, inner=True)
-    return value      # stored as sent (keys and values are not trimmed)
+        if not key.strip():
+            raise GatewayError("extension_object_key_required", "attrs keys must be non-empty")
+        if isinstance(item, list):
+            raise GatewayError("extension_object_arrays_unsupported",
+                               "attrs values cannot be arrays; send a string or an object")
+        inner = item.values() if isinstance(item, dict) else (item,)
+        for scalar in inner:
+            if isinstance(scalar, (list, dict)):
+                raise GatewayError("extension_object_nested_object_unsupported",
+                                   "attrs objects cannot hold arrays or objects (one level only)")
+            if scalar is not None and not _is_scalar(scalar):
+                raise GatewayError("invalid_attrs", "attrs numbers must be finite")
+    return value
 
 
 def _metadata_text(value):
@@ -579,7 +673,7 @@ def _metadata_text(value):
 
 
 def check_metadata(value):
-    """Optional object of scalars with short, unique, non-empty keys and values."""
+    """Optional object of scalars with short, unique, non-empty keys and values (UTF-8 bytes)."""
     if not isinstance(value, dict):
         raise GatewayError("invalid_metadata", _must_be("metadata", "an object"))
     seen = set()
@@ -590,26 +684,27 @@ def check_metadata(value):
         name = key.strip()
         if not name:
             raise GatewayError("metadata_key_required", "metadata keys must be non-empty")
-        if len(name) > METADATA_KEY_MAX_CHARS:
+        if _utf8_bytes(name) > METADATA_KEY_MAX_BYTES:
             raise GatewayError("metadata_key_too_long",
-                               "metadata keys are too long (max %d characters)" % METADATA_KEY_MAX_CHARS)
+                               _too_long_bytes("metadata keys are", METADATA_KEY_MAX_BYTES))
         if name in seen:
             raise GatewayError("metadata_key_duplicate", "metadata keys must be unique after trimming")
         seen.add(name)
         text = _metadata_text(item)
         if not text:
             raise GatewayError("metadata_value_required", "metadata values must be non-empty")
-        if len(text) > METADATA_VALUE_MAX_CHARS:
-            raise GatewayError("metadata_value_too_long", "metadata values are too long "
-                               "(max %d characters)" % METADATA_VALUE_MAX_CHARS)
+        if _utf8_bytes(text) > METADATA_VALUE_MAX_BYTES:
+            raise GatewayError("metadata_value_too_long",
+                               _too_long_bytes("metadata values are", METADATA_VALUE_MAX_BYTES))
     return value      # stored as sent
 
 
-# SPEC §2.12: the field rules of §4 in the table's order.  channel_id and password
-# are checked earlier, at step 10, and so are not in this table.
+# Step 12: the field rules in order.  channel_id and password are checked
+# earlier, at step 10, and so are not in this table.
 FIELD_RULES = (
     ("op_id", check_op_id),
     ("thing_id", check_thing_id),
+    ("ciphertext", check_ciphertext),
     ("event_id", check_event_id),
     ("title", check_title),
     ("description", check_description),
@@ -625,12 +720,19 @@ FIELD_RULES = (
     ("metadata", check_metadata),
 )
 
-# SPEC §2.8: every field the event routes know; anything else is an unknown field.
+# Fields that production refuses as null, where every other null counts as absent.
+NOT_NULL_FIELDS = MappingProxyType({"images": "invalid_images", "attrs": "invalid_attrs"})
+
+# Step 8: every field the event routes know; anything else is an unknown field.
 EVENT_FIELDS = frozenset(["channel_id", "password"] + [name for name, _ in FIELD_RULES])
 
-# SPEC §5: the business fields an event holds, as shown in a dispatch's "fields".
+# The business fields an event holds (Store).
 BUSINESS_FIELDS = ("title", "description", "status", "message", "severity",
                    "tags", "images", "attrs", "started_at", "ended_at")
+
+# What a dispatch of an event's history shows in its "fields": the business
+# fields it carried, and its ciphertext, which only the dispatch keeps.
+DISPATCH_FIELDS = BUSINESS_FIELDS + ("ciphertext",)
 
 
 # Routes ########################################################################
@@ -638,7 +740,8 @@ BUSINESS_FIELDS = ("title", "description", "status", "message", "severity",
 CREATE, UPDATE, CLOSE = "/event/create", "/event/update", "/event/close"
 EVENT_ROUTES = (CREATE, UPDATE, CLOSE)
 
-# SPEC §2.9: fields that must be absent (or null) on a route, with the code for each.
+# Step 9: fields that must be absent (or null) on a route, with the code for each.
+# event_id is refused on create even as null: production has no such field there.
 FORBIDDEN_FIELDS = MappingProxyType({
     CREATE: (("event_id", "event_id_forbidden_on_create"),
              ("ended_at", "ended_at_forbidden_on_create")),
@@ -647,7 +750,7 @@ FORBIDDEN_FIELDS = MappingProxyType({
     CLOSE: (("started_at", "started_at_forbidden_on_close"),),
 })
 
-# SPEC §2.11: the hard required business fields, and the code that lists the missing ones.
+# Step 11: the hard required business fields, and the code that lists the missing ones.
 REQUIRED_FIELDS = MappingProxyType({
     CREATE: (("title", "status", "message", "severity"), "event_create_required_fields_missing"),
     UPDATE: (("status", "message", "severity"), "event_update_required_fields_missing"),
@@ -655,49 +758,99 @@ REQUIRED_FIELDS = MappingProxyType({
 })
 
 ADMIN_EVENT_PREFIX = "/__admin/events/"
+ADMIN_PREFIX = "/__admin/"
 
-# SPEC §1 and §8: path -> {method: name of the EventGateway method that answers it}.
-ROUTES = MappingProxyType({
+
+def _with_head(methods):
+    """Every route that takes GET takes HEAD: the same status and headers, no body."""
+    if "GET" in methods:
+        methods = dict(methods, HEAD=methods["GET"])
+    return MappingProxyType(methods)
+
+
+# Path -> {method: name of the EventGateway method that answers it}.  The
+# /__admin/ routes are test support, not part of the PushGo API.
+ROUTES = MappingProxyType({path: _with_head(methods) for path, methods in {
     CREATE: {"POST": "_route_event_create"},
     UPDATE: {"POST": "_route_event_update"},
     CLOSE: {"POST": "_route_event_close"},
     "/healthz": {"GET": "_route_healthz"},
+    "/": {"GET": "_route_page"},
+    "/favicon.ico": {"GET": "_route_favicon"},
     "/__admin/events": {"GET": "_route_admin_events_get", "DELETE": "_route_admin_events_delete"},
     ADMIN_EVENT_PREFIX + "{event_id}": {"GET": "_route_admin_event_get"},
+    "/__admin/requests": {"GET": "_route_admin_requests_get",
+                          "DELETE": "_route_admin_requests_delete"},
+    "/__admin/reset": {"POST": "_route_admin_reset"},
     "/__admin/channels": {"GET": "_route_admin_channels_get", "POST": "_route_admin_channels_post"},
     "/__admin/faults": {"GET": "_route_admin_faults_get", "POST": "_route_admin_faults_post",
                         "DELETE": "_route_admin_faults_delete"},
-})
-PUBLIC_PATHS = frozenset({"/healthz"})      # SPEC §1: liveness never looks at the token
+}.items()})
 _ALLOW = MappingProxyType({path: ", ".join(sorted(methods)) for path, methods in ROUTES.items()})
 
-# SPEC §2.4: JSON-body routes are the POSTs; these are the fields each admin POST takes.
+# Step 2: liveness probes carry no secrets, the page's HTML holds no data, and a
+# browser sends no token for an icon: these never look at the gateway token.
+PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
+
+# Step 4: every POST takes a JSON body but the reset, which takes none (a body sent
+# anyway is read, up to the limit of step 5, and ignored).
+BODYLESS_POSTS = frozenset({"/__admin/reset"})
+
+# The request journal records every answer but those to these (watching must not fill it).
+UNJOURNALED_PATHS = frozenset({"/", "/favicon.ico"})      # and everything under ADMIN_PREFIX
+
+# The fields each admin POST takes, and the query parameters each admin list takes.
 ADMIN_CHANNEL_FIELDS = frozenset({"channel_id", "password"})
-ADMIN_FAULT_FIELDS = frozenset({"route", "status", "count", "delay_ms"})
-EVENT_FILTERS = frozenset({"channel_id", "thing_id", "state"})
+FAULT_DEFAULTS = MappingProxyType({"route": None, "kind": "status", "status": None, "when": "before",
+                                   "count": 1, "delay_ms": 0, "retry_after_s": None,
+                                   "probability": 1})
+EVENT_FILTERS = ("channel_id", "thing_id", "state", "wait_ms", "count")
+REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_ms", "count")
 
 
 # Store #########################################################################
-
+#
+# The rules of the event store:
+# - create makes a new event, state "ongoing", event_id = uuid4().hex, owned by
+#   its channel; update and close find it by event_id within the caller's
+#   channel only (an event of another channel is not found, never revealed).
+# - A closed event is terminal; an event's thing is fixed at create.
+# - Merge on update and close: given fields replace; tags and images replace
+#   the whole list (an empty list clears); attrs is a patch (null deletes a
+#   key, an object value replaces wholesale); metadata and ciphertext belong to
+#   the dispatch, not the event.
+# - Every accepted dispatch joins the event's history, at O(1) however long the
+#   history is.  An event keeps at most max_history dispatches: past that, the
+#   oldest one after the create is dropped with its op_id record (a retry of
+#   that op_id is then a new request), and history_dropped counts it.
+# - The store holds at most max_events events.  When full, the event closed
+#   longest ago is dropped (with its op_id records), or, if every event is
+#   open, create answers 503 store_full and nothing is lost.  Both cost O(1) in
+#   the number of events.
+# - One lock guards it all, and dispatch() does steps 13-16 under it, so a
+#   request is replayed, refused or applied whole, never half.  Reads copy the
+#   records under the lock and build their views outside it, so that a listing
+#   of every event does not hold up the requests that come meanwhile.
+#
 # Memory layout.  At rest, an event is a plain tuple of its values in
-# EVENT_KEYS order (the SPEC §8 shape): strings, numbers, None, dicts of those
-# (attrs), and tuples: tags and images are tuples of strings, a history is a
-# tuple of dispatches and a dispatch a plain tuple.  A tuple is smaller than a
-# dict (all told, 962 bytes per stored example event, against 1404 with each
-# event a dict and each dispatch two nested tuples), and CPython's
-# garbage collector stops tracking tuples that hold only untracked values (one
-# nesting level per pass), so old events cost it nothing; main() also makes
-# full passes rare (see there).  The store unpacks a record into a dict to
-# read or change it, and packs it back.
-# Labels that repeat from event to event (status, thing_id, tags) are interned
-# by their checkers, and a severity is one of four constant strings, so each
-# distinct label is stored once, not once per event.  Views copy everything
-# out as lists and dicts, so what a caller does with a view never reaches the
-# store.
+# EVENT_KEYS order: strings, numbers, None, dicts of those (attrs), and
+# tuples: tags and images are tuples of strings, a dispatch is a plain tuple.
+# A tuple is much smaller than a dict, and CPython's garbage collector stops
+# tracking tuples that hold only untracked values, so old events cost it
+# nothing; main() also makes full passes rare (see there).  A history is a
+# one-tuple while the event has only its create, and a deque from its first
+# update on, so that appending and trimming are O(1).  The store unpacks a
+# record into a dict to read or change it, and packs it back.  Labels that
+# repeat from event to event (status, thing_id, tags) are interned by their
+# checkers, and a severity is one of four constant strings, so each distinct
+# label is stored once.  Views copy everything out as lists and dicts, so what
+# a caller does with a view never reaches the store.
 
 EVENT_KEYS = ("event_id", "channel_id", "thing_id", "state", "title", "description", "status",
               "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
-              "created_at", "updated_at", "history")
+              "created_at", "updated_at", "history", "history_dropped")
+_CHANNEL, _THING, _STATE, _HISTORY = (EVENT_KEYS.index(key)
+                                      for key in ("channel_id", "thing_id", "state", "history"))
 
 
 def _pack(event):
@@ -710,6 +863,14 @@ def _unpack(record):
     return dict(zip(EVENT_KEYS, record))
 
 
+def _frozen(record):
+    """A record whose history no later dispatch can change (the lock is held)."""
+    history = record[_HISTORY]
+    if type(history) is tuple:
+        return record
+    return record[:_HISTORY] + (tuple(history),) + record[_HISTORY + 1:]
+
+
 def _copy_json(value):
     """A fresh copy of a stored JSON value, tuples as lists."""
     if isinstance(value, dict):
@@ -720,7 +881,7 @@ def _copy_json(value):
 
 
 def _new_event(event_id, channel_id, thing_id, received_at):
-    """SPEC §5: a new event, ongoing, owned by its channel.
+    """A new event, ongoing, owned by its channel.
 
     A literal, three times faster than dict.fromkeys(EVENT_KEYS) and an update;
     _pack() reads it by EVENT_KEYS, so a key missing here fails every create."""
@@ -728,11 +889,11 @@ def _new_event(event_id, channel_id, thing_id, received_at):
             "state": "ongoing", "title": None, "description": None, "status": None,
             "message": None, "severity": None, "tags": (), "images": (), "attrs": None,
             "started_at": None, "ended_at": None, "created_at": received_at,
-            "updated_at": received_at, "history": ()}
+            "updated_at": received_at, "history": (), "history_dropped": 0}
 
 
 def _merge(event, fields):
-    """SPEC §5 merge: given fields replace; attrs is a patch; lists replace whole."""
+    """Given fields replace; attrs is a patch; lists replace whole."""
     for name, value in fields.items():
         if name == "attrs":
             attrs = dict(event["attrs"] or ())
@@ -745,42 +906,45 @@ def _merge(event, fields):
         event[name] = value
 
 
-# One accepted request of an event's history (SPEC §5), as one flat tuple:
-# (route, op_id, event_time, received_at, metadata, then the business fields
-# it carried in BUSINESS_FIELDS order, None where it did not carry one).
+# One accepted request of an event's history, as one flat tuple: (route, op_id,
+# event_time, received_at, metadata, then the fields it carried in
+# DISPATCH_FIELDS order, None where it did not carry one).
 def _dispatch_view(dispatch):
     route, op_id, event_time, received_at, metadata = dispatch[:5]
     return {"route": route, "op_id": op_id, "event_time": event_time,
             "received_at": received_at,
             "fields": {name: _copy_json(value)
-                       for name, value in zip(BUSINESS_FIELDS, dispatch[5:])
+                       for name, value in zip(DISPATCH_FIELDS, dispatch[5:])
                        if value is not None},
             "metadata": _copy_json(metadata)}
 
 
-def _event_view(event):
-    """SPEC §8: an event as the admin routes show it, a copy."""
-    view = _copy_json(event)
+def _event_view(record):
+    """An event as the admin routes show it (README, "Test-support routes"), a copy."""
+    view = _copy_json(_unpack(record))
     view["attrs"] = view["attrs"] or {}
-    view["history"] = [_dispatch_view(dispatch) for dispatch in event["history"]]
+    view["history"] = [_dispatch_view(dispatch) for dispatch in record[_HISTORY]]
     return view
 
 
 # An op_id the gateway generated: the request it names carried no op_id, so a
-# request that sends it can never be that request's replay (SPEC §6).
+# request that sends it can never be that request's replay (Idempotency).
 _GENERATED_OP = ("generated", None)
 
 
 class EventStore:
-    """The in-memory events, their op_id records and capacity (SPEC §5, §6, §7).
+    """The in-memory events, their op_id records and capacity (the rules above).
 
-    One lock guards everything, and dispatch() does SPEC §2 steps 13-16 under
-    it, so a request is replayed, refused or applied whole, never half.
+    changed is a condition notified after every change, for waits: a waiter
+    holds no lock but the condition's own while it sleeps.
     """
 
-    def __init__(self, max_events=DEFAULT_MAX_EVENTS):
+    def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY):
         self.max_events = max_events
+        self.max_history = max_history
         self.lock = threading.Lock()
+        self.changed = threading.Condition(threading.Lock())
+        self.version = 0                           # counts changes, under changed's lock
         self._events = {}                          # event_id -> packed event, oldest first
         self._closed = collections.OrderedDict()   # event_id -> None, closed longest ago first
         self._ops = {}                             # channel_id -> {op_id: (digest, body)}
@@ -789,10 +953,11 @@ class EventStore:
         return len(self._events)
 
     def dispatch(self, route, channel_id, op_id, digest, fields, received_at):
-        """Steps 13-16 for one validated request; returns the 200 body bytes.
+        """Steps 13-16 for one validated request; returns (200 body, op_id, event_id).
 
-        fields holds the request's normalised fields (section 4) and is consumed.
-        digest identifies the request's body for op_id replays (section 6).
+        fields holds the request's normalised fields (FIELD_RULES) and is consumed.
+        digest identifies the request's body for op_id replays (Idempotency);
+        received_at is the server's receive time in integer Unix milliseconds.
         """
         with self.lock:
             ops = self._ops.setdefault(channel_id, {})
@@ -802,20 +967,22 @@ class EventStore:
                 if known_digest != digest:
                     raise GatewayError("op_id_conflict", "op_id was already used in this channel "
                                        "for a different request; use a new op_id")
-                return known_body
+                return known_body, op_id, json.loads(known_body)["data"]["event_id"]
             if op_id is None:
-                op_id = _new_hex_id()       # SPEC §6: absent -> generated (digest stays None)
+                op_id = _new_hex_id()       # absent -> generated (digest stays None)
             thing_id = fields.pop("thing_id", None)
             event_time = fields.pop("event_time")
             metadata = fields.pop("metadata", None)
             event_id = fields.pop("event_id", None)
             dispatch = (route, op_id, event_time, received_at, metadata,
-                        *map(fields.get, BUSINESS_FIELDS))
+                        *map(fields.get, DISPATCH_FIELDS))
+            fields.pop("ciphertext", None)
             if route == CREATE:
                 # 15. Capacity.
                 self._make_room()
                 event = _new_event(_new_event_id(), channel_id, thing_id, received_at)
                 fields.setdefault("started_at", event_time)
+                event["history"] = (dispatch,)
             else:
                 # 14. Event state.
                 event = self._open_event(channel_id, event_id, thing_id)
@@ -827,19 +994,37 @@ class EventStore:
                     fields["state"] = "closed"
                     self._closed[event["event_id"]] = None
                 fields["updated_at"] = received_at
-            # 16. Apply, record the op_id and the dispatch, answer.
+                self._append(event, dispatch, ops)
+            # 16. Apply, record the op_id, answer.
             _merge(event, fields)
             body = _dispatch_body(channel_id, op_id, event["event_id"], event["thing_id"])
             ops[op_id] = _GENERATED_OP if digest is None else (digest, body)
-            event["history"] += (dispatch,)
             self._events[event["event_id"]] = _pack(event)
-            return body
+        self._notify()
+        return body, op_id, event["event_id"]
+
+    def _append(self, event, dispatch, ops):
+        """Add a dispatch to an event's history, dropping the oldest after the create
+        when the history is full: O(1) either way (the lock is held)."""
+        history = event["history"]
+        if type(history) is tuple:
+            history = event["history"] = collections.deque(history)
+        history.append(dispatch)
+        if len(history) > self.max_history:
+            dropped = history[1]
+            del history[1]
+            ops.pop(dropped[1], None)
+            event["history_dropped"] += 1
+
+    def _notify(self):
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
 
     def _open_event(self, channel_id, event_id, thing_id):
         record = self._events.get(event_id)
         event = None if record is None else _unpack(record)
         if event is None or event["channel_id"] != channel_id:
-            # SPEC §5: an event of another channel is not found, never revealed.
             raise GatewayError("event_not_found", "no event with this event_id in this channel")
         if event["state"] == "closed":
             raise GatewayError("event_closed", "event is closed; create a new event instead")
@@ -849,7 +1034,7 @@ class EventStore:
         return event
 
     def _make_room(self):
-        """SPEC §7: drop the event closed longest ago, or refuse when all are open. O(1)."""
+        """Drop the event closed longest ago, or refuse when all are open. O(1)."""
         if len(self._events) < self.max_events:
             return
         if not self._closed:
@@ -858,11 +1043,11 @@ class EventStore:
         self._drop(next(iter(self._closed)))
 
     def _drop(self, event_id):
-        """Remove one event with its op_id records (the lock is held)."""
-        event = _unpack(self._events.pop(event_id))
+        """Remove one event with its op_id records (the lock is held): O(its history)."""
+        record = self._events.pop(event_id)
         self._closed.pop(event_id, None)
-        ops = self._ops.get(event["channel_id"], {})
-        for _route, op_id, *_ in event["history"]:
+        ops = self._ops.get(record[_CHANNEL], {})
+        for _route, op_id, *_ in record[_HISTORY]:
             ops.pop(op_id, None)
 
     def clear(self):
@@ -872,31 +1057,37 @@ class EventStore:
             self._events.clear()
             self._closed.clear()
             self._ops.clear()
-            return count
+        self._notify()
+        return count
 
     def get(self, event_id):
         with self.lock:
             record = self._events.get(event_id)
-            return None if record is None else _event_view(_unpack(record))
+            record = None if record is None else _frozen(record)
+        return None if record is None else _event_view(record)
+
+    def matching(self, channel_id=None, thing_id=None, state=None):
+        """The records that pass every given filter, oldest first, frozen."""
+        with self.lock:
+            return [_frozen(record) for record in self._events.values()
+                    if (channel_id is None or record[_CHANNEL] == channel_id)
+                    and (thing_id is None or record[_THING] == thing_id)
+                    and (state is None or record[_STATE] == state)]
 
     def select(self, channel_id=None, thing_id=None, state=None):
-        """The events that pass every given filter, oldest first, as views."""
-        with self.lock:
-            events = map(_unpack, self._events.values())
-            return [_event_view(event) for event in events
-                    if (channel_id is None or event["channel_id"] == channel_id)
-                    and (thing_id is None or event["thing_id"] == thing_id)
-                    and (state is None or event["state"] == state)]
+        """The events that pass every given filter, oldest first, as views (built
+        outside the lock)."""
+        return [_event_view(record) for record in self.matching(channel_id, thing_id, state)]
 
 
 def _success_body(data):
-    """SPEC §3: the four-key envelope of a success, as bytes."""
+    """The four-key envelope of a success, as bytes."""
     return json.dumps({"success": True, "data": data, "error": None, "error_code": None}).encode()
 
 
-# SPEC §3: the answer to an accepted dispatch.  Every value in it is an id that
-# its rule limits to A-Z a-z 0-9 _ : - (or null), characters JSON never escapes,
-# so formatting them into json.dumps' own output gives json.dumps' bytes.
+# The answer to an accepted dispatch.  Every value in it is an id that its rule
+# limits to A-Z a-z 0-9 _ : - (or null), characters JSON never escapes, so
+# formatting them into json.dumps' own output gives json.dumps' bytes.
 _DISPATCH_TEMPLATE = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
                                     "thing_id": "%s", "accepted": True}).decode()
 _DISPATCH_TEMPLATE_NO_THING = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
@@ -910,9 +1101,92 @@ def _dispatch_body(channel_id, op_id, event_id, thing_id):
 
 
 def _error_body(code, message):
-    """SPEC §3: the four-key envelope of an error, as bytes."""
+    """The four-key envelope of an error, as bytes."""
     return json.dumps({"success": False, "data": None, "error": message,
                        "error_code": code}).encode()
+
+
+# Request journal ###############################################################
+#
+# Every request the gateway answers (or drops), but those to /__admin/..., /
+# and /favicon.ico, is recorded once answered, broken HTTP included, and the
+# last max_requests are kept.  seq counts from 1 and never restarts, so that
+# ?after=SEQ polls without gaps.  An entry is kept as a tuple in JOURNAL_KEYS
+# order with the request's raw headers and body; its view, built only when
+# read, masks them: the authorization header's credentials, a top-level
+# password, and any top-level string under a key the event routes do not know
+# (a mistyped "password" key still holds a password).  A body that does not
+# parse as a JSON object is never shown, only its length.
+
+JOURNAL_KEYS = ("seq", "received_at", "method", "path", "query", "headers", "body",
+                "body_bytes", "status", "error_code", "error", "request_id", "op_id", "event_id",
+                "channel_id", "fault", "note", "duration_ms")
+_SEQ, _J_PATH, _J_STATUS, _J_CODE, _J_CHANNEL = (JOURNAL_KEYS.index(key) for key in (
+    "seq", "path", "status", "error_code", "channel_id"))
+MASK = "***"
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
+
+
+def _masked_headers(headers):
+    """The request's headers with every credential shown as its scheme and ***."""
+    return {name: (value.strip(OWS).split(" ", 1)[0] + " " + MASK).lstrip()
+            if name in _SECRET_HEADERS else value for name, value in headers.items()}
+
+
+def _masked_body(body):
+    """The body as the journal shows it: a JSON object with its secrets masked, or None."""
+    if not body:
+        return None
+    try:
+        doc = parse_json_body(body)
+    except GatewayError:
+        return None
+    return {key: MASK if key == "password" or (key not in EVENT_FIELDS and isinstance(value, str))
+            else value for key, value in doc.items()}
+
+
+def _request_view(entry):
+    view = dict(zip(JOURNAL_KEYS, entry))
+    view["headers"] = _masked_headers(view["headers"])
+    view["body"] = _masked_body(view["body"])
+    view["fault"] = None if view["fault"] is None else view["fault"]._asdict()
+    return view
+
+
+class RequestJournal:
+    """The last max_requests answered requests, oldest first (the rules above).
+
+    changed is a condition notified after every record, for waits; its lock
+    is the journal's own, held only to append or copy the entries."""
+
+    def __init__(self, max_requests=DEFAULT_MAX_REQUESTS):
+        self.max_requests = max_requests
+        self.changed = threading.Condition(threading.Lock())
+        self.version = 0                     # the last seq given, never reset
+        self._entries = collections.deque(maxlen=max_requests)
+
+    def record(self, *fields):
+        """Append one entry (the fields of JOURNAL_KEYS after seq)."""
+        with self.changed:
+            self.version += 1
+            self._entries.append((self.version,) + fields)
+            self.changed.notify_all()
+
+    def matching(self, path=None, status=None, error_code=None, channel_id=None, after=None):
+        with self.changed:
+            entries = list(self._entries)
+        return [entry for entry in entries
+                if (path is None or entry[_J_PATH] == path)
+                and (status is None or entry[_J_STATUS] == status)
+                and (error_code is None or entry[_J_CODE] == error_code)
+                and (channel_id is None or entry[_J_CHANNEL] == channel_id)
+                and (after is None or entry[_SEQ] > after)]
+
+    def clear(self):
+        with self.changed:
+            count = len(self._entries)
+            self._entries.clear()
+            return count
 
 
 # Sans-I/O core #################################################################
@@ -921,9 +1195,10 @@ _CONTENT_LENGTH = re.compile(r"[0-9]+")
 _HTTP_VERSION = re.compile(r"HTTP/[0-9]+\.[0-9]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 token
 
-# A queued fault (SPEC §8): its route ("*" for any event route), status, strikes
-# left and delay.
-Fault = collections.namedtuple("Fault", "route status count delay_ms")
+# A queued fault (README, "Faults"): its route ("*" for any event route), kind
+# ("status", "drop" or "slow"), status, when ("before" or "after"), strikes
+# left, delay, Retry-After and the probability that a matching request is struck.
+Fault = collections.namedtuple("Fault", tuple(FAULT_DEFAULTS))
 
 
 def _lower_headers(headers):
@@ -932,22 +1207,42 @@ def _lower_headers(headers):
     return {name.lower(): value for name, value in items}
 
 
+def _length_value(digits):
+    """A Content-Length's digits as a number, at most one past any limit, so that
+    no length (4300 digits and more included) makes int() raise or take long."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10 ** 18
+
+
 def _declared_length(headers):
     """The body length a request head declares: 0 for a chunked body (decoded up
     to the limit by the shell), None for none, 0 for a malformed Content-Length
     (the shell refuses it before asking)."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
+    if headers.get("transfer-encoding", "").strip(OWS).lower() == "chunked":
         return 0
     declared = headers.get("content-length")
     if declared is None:
         return None
-    declared = declared.strip()
-    return int(declared) if _CONTENT_LENGTH.fullmatch(declared) else 0
+    declared = declared.strip(OWS)
+    return _length_value(declared) if _CONTENT_LENGTH.fullmatch(declared) else 0
 
 
 def _printable(text):
-    """A path or method safe to write on one log line."""
+    """Text safe to write on one log line."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _split_target(target):
+    """(path, query) of a request target, in origin form or absolute form
+    (http://host:port/path?query, which a proxy-minded client may send)."""
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme.lower() in ("http", "https"):
+            start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+            target = rest[start:]
+            target = target if target.startswith("/") else "/" + target
+    path, _, query = target.partition("?")
+    return path, query
 
 
 def _admin_event_id(path):
@@ -960,69 +1255,237 @@ def _admin_event_id(path):
 
 
 def _request_digest(route, doc):
-    """What makes two requests "the same" for op_id replays (SPEC §6): route and parsed body."""
+    """What makes two requests "the same" for op_id replays: route and parsed body."""
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(("%s\n%s" % (route, canonical)).encode("ascii")).digest()
+
+
+def _close_name(name, known):
+    """The known field a mistyped one most likely meant (eventTime: event_time), or None."""
+    squashed = {key.replace("_", ""): key for key in known}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key in squashed:
+        return squashed[key]
+    match = difflib.get_close_matches(name.lower(), sorted(known), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+def _reject_unknown(doc, known):
+    """Step 8: every unknown field named, sorted, each with a close known name if any."""
+    unknown = sorted(doc.keys() - known)
+    if not unknown:
+        return
+    names = []
+    for name in unknown[:10]:
+        hint = _close_name(name, known)
+        names.append("`%s`%s" % (_printable(name[:64]), " (did you mean `%s`?)" % hint if hint else ""))
+    if len(unknown) > 10:
+        names.append("and %d more" % (len(unknown) - 10))
+    raise GatewayError("invalid_json_data", "unknown field%s %s; remove %s" % (
+        "s" if len(unknown) > 1 else "", ", ".join(names), "them" if len(unknown) > 1 else "it"))
+
+
+def _whole_number(name, value, low, high, code="invalid_filter", text=False):
+    """A whole number from low to high (with text, also as decimal digits), or an error."""
+    if text and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise GatewayError(code, "%s must be a whole number from %d to %d" % (name, low, high))
+    return value
+
+
+def _channel_filter(value):
+    canonical = canonical_channel_id(value)
+    if canonical is None:
+        raise GatewayError("invalid_filter", "channel_id filter is not a channel id")
+    return canonical
+
+
+def _event_filters(channel_id=None, thing_id=None, state=None):
+    """The checks of GET /__admin/events' filters, for HTTP and Python alike."""
+    if state is not None and state not in ("ongoing", "closed"):
+        raise GatewayError("invalid_filter", "state filter must be ongoing or closed")
+    if thing_id is not None and not isinstance(thing_id, str):
+        raise GatewayError("invalid_filter", "thing_id filter must be a string")
+    return {"channel_id": None if channel_id is None else _channel_filter(channel_id),
+            "thing_id": thing_id, "state": state}
+
+
+def _request_filters(path=None, status=None, error_code=None, channel_id=None, after=None):
+    """The checks of GET /__admin/requests' filters, for HTTP and Python alike."""
+    for name, value in (("path", path), ("error_code", error_code)):
+        if value is not None and not isinstance(value, str):
+            raise GatewayError("invalid_filter", "%s filter must be a string" % name)
+    return {"path": path, "error_code": error_code,
+            "status": None if status is None else _whole_number("status", status, 100, 599, text=True),
+            "channel_id": None if channel_id is None else _channel_filter(channel_id),
+            "after": None if after is None else _whole_number("after", after, 0, 10 ** 18, text=True)}
+
+
+def _query(query, names):
+    """A query string as {name: value} of known names, or invalid_filter."""
+    params = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name not in names:
+            raise GatewayError("invalid_filter", "unknown query parameter `%s`; use %s"
+                               % (_printable(name[:64]), ", ".join(names)))
+        params[name] = value
+    return params
+
+
+class _Request:
+    """One request as the core handles it, and what handling it learned that
+    the journal and the log line show."""
+
+    __slots__ = ("method", "path", "query", "headers", "doc", "channel_id", "op_id",
+                 "event_id", "note", "fault")
+
+    def __init__(self, method, path, query, headers):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.doc = self.channel_id = self.op_id = self.event_id = self.note = self.fault = None
+
+
+class _Drop(Exception):
+    """A fault of kind "drop" struck: the answer is no answer at all."""
+
+
+# What a route answers when it is not the JSON envelope (the page, the icon).
+_Raw = collections.namedtuple("_Raw", "status headers body")
+
+# A dummy to compare a password with when the channel is unknown, so that an
+# unknown channel and a wrong password take the same path (step 10).
+_DUMMY_PASSWORD = "x" * PASSWORD_MAX_BYTES
 
 
 class EventGateway:
     """The gateway's logic with no I/O: handle() maps one request to one response.
 
-    token       gateway bearer token, or None for no auth (SPEC §2.2)
-    channels    {channel_id: password}; None registers the page's example channel
-    max_events  store capacity (SPEC §7)
-    clock       returns the receive time in Unix seconds (tests pin it)
-    log         a text stream for one line per request, or None for silence
+    token         gateway bearer token, or None for no auth (step 2)
+    channels      {channel_id: password}; None registers the page's example channel
+    max_events    events kept (Store)
+    max_history   dispatches kept per event, the create included (Store)
+    max_requests  entries kept by the request journal; 0 turns it off
+    seed          seed of the generator that draws faults' probabilities
+    clock         returns the time in Unix seconds (tests pin it); kept in milliseconds
+    log           a text stream for one line per request, or None for silence
     """
 
     def __init__(self, token=None, channels=None, max_events=DEFAULT_MAX_EVENTS,
+                 max_history=DEFAULT_MAX_HISTORY, max_requests=DEFAULT_MAX_REQUESTS, seed=0,
                  clock=time.time, log=None):
         if channels is None:
             channels = {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD}
+        if max_events < 1 or max_history < 2 or max_requests < 0:
+            raise ValueError("max_events must be at least 1, max_history at least 2 (the "
+                             "create and one more), max_requests at least 0")
         self.token = token
-        self.store = EventStore(max_events)
+        self.store = EventStore(max_events, max_history)
+        self.journal = RequestJournal(max_requests)
         self.clock = clock
         self.log = log
         self.internal_errors = []       # tracebacks of unexpected exceptions (a 500 each)
         self._channels = {}
+        self._channels_lock = threading.Lock()
         for channel_id, password in channels.items():
             self.register_channel(channel_id, password)
+        self._start_channels = dict(self._channels)
         self._faults = []               # [Fault] in queue order, count = strikes left
+        self._fault_routes = collections.Counter()    # route -> queued entries, for O(1) misses
         self._faults_lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._stopping = threading.Event()
         self._routes = {path: {method: getattr(self, name) for method, name in methods.items()}
                         for path, methods in ROUTES.items()}
 
     # -- the embedding API ---------------------------------------------------------
 
     def register_channel(self, channel_id, password):
-        """Add a channel, or replace its password; returns the canonical id."""
-        channel_id = check_channel_id(channel_id)
-        self._channels[channel_id] = check_password(password)
+        """What POST /__admin/channels does: add a channel, or replace its password;
+        returns the canonical id."""
+        channel_id, password = check_channel_id(channel_id), check_password(password)
+        with self._channels_lock:
+            if channel_id not in self._channels and len(self._channels) >= MAX_CHANNELS:
+                raise GatewayError("too_many_channels", "at most %d channels can be registered; "
+                                   "reset the gateway to drop the added ones" % MAX_CHANNELS)
+            self._channels[channel_id] = password
         return channel_id
 
     def channel_ids(self):
         return list(self._channels)
 
     def events(self, channel_id=None, thing_id=None, state=None):
-        """The stored events, oldest first, in the shape of SPEC §8."""
-        return self.store.select(channel_id, thing_id, state)
+        """The stored events, oldest first, as GET /__admin/events shows them."""
+        return self.store.select(**_event_filters(channel_id, thing_id, state))
 
     def event(self, event_id):
-        """One stored event in the shape of SPEC §8, or None."""
+        """One stored event as GET /__admin/events/{event_id} shows it, or None."""
         return self.store.get(event_id)
 
-    def reset(self):
+    def requests(self, path=None, status=None, error_code=None, channel_id=None, after=None):
+        """The request journal, oldest first, as GET /__admin/requests shows it."""
+        filters = _request_filters(path, status, error_code, channel_id, after)
+        return [_request_view(entry) for entry in self.journal.matching(**filters)]
+
+    def wait_for_events(self, count=1, timeout=5.0, channel_id=None, thing_id=None, state=None):
+        """Wait until count events match the filters; returns them, or raises
+        AssertionError after timeout seconds with what the gateway did store."""
+        filters = _event_filters(channel_id, thing_id, state)
+        found = self._wait(self.store, lambda: self.store.matching(**filters), count, timeout)
+        views = [_event_view(record) for record in found]
+        if len(views) < count:
+            raise AssertionError("waited %gs for %d event(s) with %s; the gateway stores %d: %s" % (
+                timeout, count, _shown_filters(filters), len(views),
+                json.dumps([{k: v[k] for k in ("event_id", "state", "title", "status")}
+                            for v in self.store.select()])))
+        return views
+
+    def wait_for_requests(self, count=1, timeout=5.0, path=None, status=None, error_code=None,
+                          channel_id=None, after=None):
+        """Wait until count journal entries match the filters; returns them, or
+        raises AssertionError after timeout seconds with what the gateway did receive."""
+        filters = _request_filters(path, status, error_code, channel_id, after)
+        found = self._wait(self.journal, lambda: self.journal.matching(**filters), count, timeout)
+        if len(found) < count:
+            raise AssertionError("waited %gs for %d request(s) with %s; the gateway received: %s" % (
+                timeout, count, _shown_filters(filters), "; ".join(
+                    "%s %s %s %s" % (entry[2], entry[3], entry[8], entry[9] or "")
+                    for entry in self.journal.matching()) or "nothing"))
+        return [_request_view(entry) for entry in found]
+
+    def clear_events(self):
         """What DELETE /__admin/events does: drop every event and op_id record."""
         return self.store.clear()
 
-    def add_fault(self, route, status, count=1, delay_ms=0):
+    def clear_requests(self):
+        """What DELETE /__admin/requests does: empty the journal (seq goes on)."""
+        return self.journal.clear()
+
+    def reset(self):
+        """What POST /__admin/reset does: back to how the gateway started.
+
+        Drops every event, op_id record, journal entry, queued fault and recorded
+        internal error, and puts back the start-up channels.  seq and the fault
+        generator's state go on."""
+        with self._channels_lock:
+            self._channels = dict(self._start_channels)
+        del self.internal_errors[:]
+        return {"events": self.clear_events(), "requests": self.clear_requests(),
+                "faults": self.clear_faults()}
+
+    def add_fault(self, route, status=None, count=1, delay_ms=0, when="before", kind="status",
+                  retry_after_s=None, probability=1):
         """What POST /__admin/faults does, with the same checks; returns strikes queued.
 
-        count and delay_ms may be None, meaning their defaults (as null in JSON)."""
-        fault = self._check_fault({"route": route, "status": status, "count": count,
-                                   "delay_ms": delay_ms})
+        Any argument may be None, meaning its default (as null in JSON)."""
+        fault = _check_fault({"route": route, "status": status, "count": count,
+                              "delay_ms": delay_ms, "when": when, "kind": kind,
+                              "retry_after_s": retry_after_s, "probability": probability})
         with self._faults_lock:
+            if len(self._faults) >= MAX_FAULTS:
+                raise GatewayError("too_many_faults", "at most %d faults can be queued; clear "
+                                   "them with DELETE /__admin/faults" % MAX_FAULTS)
             self._faults.append(fault)
+            self._fault_routes[fault.route] += 1
             return sum(f.count for f in self._faults)
 
     def faults(self):
@@ -1034,119 +1497,220 @@ class EventGateway:
         with self._faults_lock:
             cleared = sum(f.count for f in self._faults)
             self._faults.clear()
+            self._fault_routes.clear()
             return cleared
+
+    def stop_waiting(self, stopping=True):
+        """End every wait now (the server stops), or let waits wait again."""
+        if not stopping:
+            self._stopping.clear()
+            return
+        self._stopping.set()
+        for source in (self.store, self.journal):
+            with source.changed:
+                source.changed.notify_all()
+
+    def _wait(self, source, select, count, timeout_s):
+        """select() until it finds count items, source changes having woken us, or
+        timeout_s passes; holds no lock while it sleeps."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with source.changed:
+                version = source.version
+            found = select()
+            remaining = deadline - time.monotonic()
+            if len(found) >= count or remaining <= 0 or self._stopping.is_set():
+                return found
+            with source.changed:
+                if source.version == version:
+                    source.changed.wait(remaining)
 
     # -- one request -----------------------------------------------------------------
 
-    def handle(self, method, path, headers, body):
-        """SPEC §2 for one request; returns (status, [(header, value)], body bytes).
+    def handle(self, method, target, headers, body):
+        """One request through the processing order; returns (status, headers, body).
 
-        headers is a mapping or (name, value) pairs, names in any case.  body is
-        the request body as bytes, or None when the request had neither a
-        Content-Length nor a chunked body.  A query string is ignored except on
-        GET /__admin/events.
+        target is the request target: a path with its query string, or the
+        absolute form (http://host/path?query).  headers is a mapping or
+        (name, value) pairs, names in any case.  body is the request body as
+        bytes, or None when the request had neither a Content-Length nor a
+        chunked body.  The answer's headers are (name, value) pairs; a HEAD
+        answer has an empty body and the Content-Length the GET would have.
+
+        A dropped answer (a queued fault of kind "drop") is (None, [], b""):
+        the HTTP shell must then close the connection without sending a byte,
+        as a crashed proxy would.  Embedders that call handle() directly see
+        the same None.
         """
-        started = time.perf_counter() if self.log is not None else 0.0
+        started = time.perf_counter()
+        request = _Request(method, *_split_target(target), _lower_headers(headers))
+        return self._answer(request, started, lambda: self._serve(request, body),
+                            body, None if body is None else len(body))
+
+    def check_head(self, method, target, headers):
+        """Steps 1-5 from the request head alone, before any body is read.
+
+        Returns None when the body should be read and handle() called, or the
+        final answer to send instead, as handle() returns it: a refusal of
+        steps 1-5, or a queued fault that strikes before step 4 of a request
+        that steps 4-5 refuse.  The HTTP shell calls it for a declared body over
+        MAX_BODY_BYTES, so as to answer without reading it, and for "Expect:
+        100-continue", so as to send the final answer instead of 100.
+        """
+        started = time.perf_counter()
+        request = _Request(method, *_split_target(target), _lower_headers(headers))
+        declared = _declared_length(request.headers)
+        return self._answer(request, started, lambda: self._steps_from_head(request, declared),
+                            None, declared)
+
+    def refuse(self, code, message, method="", target="", headers=None):
+        """An error answer that the HTTP shell decides itself (broken HTTP framing)."""
+        request = _Request(method, *_split_target(target), headers or {})
+        return self._answer(request, time.perf_counter(), lambda: _raise(code, message), None, 0)
+
+    def _answer(self, request, started, work, body, body_bytes):
+        """Run work() for request; the answer, journaled and logged once."""
+        received_at = int(self.clock() * 1000)
+        code = message = None
+        raw = False
         try:
-            status, extra, payload, code = 200, (), self._serve(method, path, headers, body), None
+            result = work()
+            if result is None:
+                return None                                   # check_head: read the body
+            status, extra, payload = (200, (), result) if type(result) is bytes else result
+            raw = type(result) is _Raw
         except GatewayError as error:
-            status, extra, code = error.status, error.headers, error.code
-            payload = _error_body(error.code, error.message)
+            status, extra, code, message = error.status, error.headers, error.code, error.message
+            payload = _error_body(code, message)
+        except _Drop:
+            status, extra, payload = None, (), b""
         except Exception:       # a bug in this module: answer 500 and keep serving
             trace = traceback.format_exc()
             self.internal_errors.append(trace)
             if self.log is not None:
                 self.log.write(trace)
             status, extra, code = 500, (), "internal_error"
-            payload = _error_body(code, "internal error in the gateway; see its log")
-        return self._finish(method, path, status, extra, payload, code, started)
-
-    def check_head(self, method, path, headers):
-        """Steps 1-5 of SPEC §2 from the request head alone, before any body is read.
-
-        Returns None when the body should be read and handle() called, or the
-        final answer to send instead (status, headers, body), which may be an
-        injected fault.  The HTTP shell calls it for a declared body over
-        MAX_BODY_BYTES, so as to answer without reading it, and for "Expect:
-        100-continue", so as to send the final answer instead of 100.
-        """
-        started = time.perf_counter()
-        try:
-            headers = _lower_headers(headers)
-            self._steps_before_body(method, path.split("?", 1)[0], headers)
-            self._check_body_size(method, _declared_length(headers))
-            return None
-        except GatewayError as error:
-            payload = _error_body(error.code, error.message)
-            return self._finish(method, path, error.status, error.headers, payload, error.code,
-                                started)
-
-    def refuse(self, code, message, method="-", path="-"):
-        """An error answer that the HTTP shell decides itself (broken HTTP framing)."""
-        error = GatewayError(code, message)
-        return self._finish(method, path, error.status, (), _error_body(code, message), code,
-                            time.perf_counter())
-
-    def _finish(self, method, path, status, extra, payload, code, started):
+            message = "internal error in the gateway; see its log"
+            payload = _error_body(code, message)
+        fault = request.fault
+        if fault is not None and fault.when == "after" and status is not None:
+            # The request was handled in full; its answer is now lost.
+            self._pause(fault.delay_ms)
+            if fault.kind == "drop":
+                status, extra, payload = None, (), b""
+            else:
+                error = _fault_error(fault)
+                status, extra, code, message = error.status, error.headers, error.code, error.message
+                payload = _error_body(code, message)
         request_id = _new_hex_id()
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        path = request.path
+        if self.journal.max_requests and not (path in UNJOURNALED_PATHS
+                                               or path.startswith(ADMIN_PREFIX)):
+            self._record(request, received_at, body, body_bytes, status, code, message,
+                         request_id, duration_ms)
         if self.log is not None:
-            self.log.write("%s %s %d %s %.1fms %s\n" % (
-                _printable(method), _printable(path.split("?", 1)[0]), status, code or "-",
-                (time.perf_counter() - started) * 1000, request_id))
-            self.log.flush()
-        headers = [("Content-Type", "application/json"), ("X-Request-Id", request_id)]
+            self._log_line(request, received_at, status, code, message, request_id, duration_ms)
+        if status is None:
+            return None, [], b""
+        headers = [("X-Request-Id", request_id)] if raw else [
+            ("Content-Type", "application/json"), ("X-Request-Id", request_id)]
         headers.extend(extra)
+        if request.method == "HEAD":
+            if status != 204:
+                headers.append(("Content-Length", str(len(payload))))
+            payload = b""
         return status, headers, payload
 
-    def _serve(self, method, path, headers, body):
-        """SPEC §2, steps 1 to 16, first failure wins; returns the 200 body bytes."""
-        headers = _lower_headers(headers)
-        path, _, query = path.partition("?")
-        route = self._steps_before_body(method, path, headers)
-        if method != "POST":
-            result = route(path, query, None)
-        else:
-            # 5. Body size.
-            self._check_body_size(method, None if body is None else len(body))
-            # 6-7. Strict JSON, an object, no duplicate keys.
-            doc = parse_json_body(body)
-            # 8-16 are the route's.
-            result = route(path, query, doc)
-        return result if isinstance(result, bytes) else _success_body(result)
+    def _record(self, request, received_at, body, body_bytes, status, code, message,
+                request_id, duration_ms):
+        doc = request.doc
+        if doc is None and body and request.fault is not None:
+            # A fault struck before the body was read as JSON: the journal still shows
+            # what the body says (the parse is for the journal only; errors are not ours).
+            try:
+                doc = parse_json_body(body)
+            except GatewayError:
+                pass
+        op_id, event_id, channel_id = request.op_id, request.event_id, request.channel_id
+        if doc is not None:
+            op_id = op_id or _text_or_none(doc.get("op_id"))
+            event_id = event_id or _text_or_none(doc.get("event_id"))
+            channel_id = channel_id or canonical_channel_id(doc.get("channel_id"))
+        self.journal.record(received_at, request.method, request.path, request.query,
+                            request.headers, body, body_bytes or 0, status, code, message,
+                            request_id, op_id, event_id, channel_id, request.fault,
+                            request.note, duration_ms)
 
-    def _steps_before_body(self, method, path, headers):
-        """Steps 1-4 and injected faults; returns the route's handler."""
-        # Steps 1-3: route, gateway auth, method.
-        route = self._check_route_auth_method(method, path, headers)
-        # SPEC §8: a queued fault strikes here, before the body is looked at.
-        if path in EVENT_ROUTES and self._faults:
-            self._strike_fault(path)
-        # 4. Content-Type, on the routes that take a JSON body.
-        if method == "POST":
-            self._check_content_type(headers)
-        return route
+    def _log_line(self, request, received_at, status, code, message, request_id, duration_ms):
+        """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body."""
+        parts = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received_at / 1000))
+                 + ".%03dZ" % (received_at % 1000),
+                 request.method or "-", request.path or "-",
+                 "dropped" if status is None else str(status)]
+        if code is not None:
+            parts.append("%s: %s" % (code, message))
+        if request.note is not None:
+            parts.append("(%s)" % request.note)
+        for name in ("op_id", "event_id"):
+            value = getattr(request, name)
+            if value is not None:
+                parts.append("%s=%s" % (name, value))
+        parts.append("%.1fms %s" % (duration_ms, request_id))
+        line = _printable(" ".join(parts))
+        if len(line) > MAX_LOG_LINE_CHARS:
+            line = line[:MAX_LOG_LINE_CHARS - 3] + "..."
+        self.log.write(line + "\n")
+        self.log.flush()
 
-    def _check_route_auth_method(self, method, path, headers):
+    def _serve(self, request, body):
+        """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
+        route = self._check_route_auth_method(request)          # steps 1-3
+        self._strike_before(request)                            # a queued fault
+        if request.method == "POST" and request.path not in BODYLESS_POSTS:
+            self._check_content_type(request.headers)           # step 4
+            self._check_body_size(request.method, None if body is None else len(body))  # step 5
+            request.doc = parse_json_body(body)                 # steps 6-7
+        elif body is not None:
+            self._check_body_size(request.method, len(body))    # step 5: a body read, then ignored
+        result = route(request)                                 # steps 8-16 are the route's
+        return _success_body(result) if type(result) is dict else result
+
+    def _steps_from_head(self, request, declared):
+        """Steps 1-5 as check_head() runs them; None when the body should be read."""
+        self._check_route_auth_method(request)
+        try:
+            if request.method == "POST" and request.path not in BODYLESS_POSTS:
+                self._check_content_type(request.headers)
+            self._check_body_size(request.method, declared)
+        except GatewayError:
+            self._strike_before(request)        # a fault strikes before steps 4-5 would refuse
+            raise
+        return None
+
+    def _check_route_auth_method(self, request):
         """Steps 1-3; returns the route's handler."""
+        path = request.path
         # 1. Unknown path (no auth needed to learn this).
         key = path if path in self._routes else None
         if key is None and _admin_event_id(path) is not None:
             key = ADMIN_EVENT_PREFIX + "{event_id}"
         if key is None:
             raise GatewayError("route_not_found", "no route %s; the event routes are "
-                               "POST /event/create, /event/update and /event/close" % path[:100])
+                               "POST /event/create, /event/update and /event/close"
+                               % _printable(path[:100]))
         # 2. Gateway auth, when enabled.
         if self.token is not None and key not in PUBLIC_PATHS:
-            self._check_token(headers.get("authorization"))
+            self._check_token(request.headers.get("authorization"))
         # 3. Method.
-        handler = self._routes[key].get(method)
+        handler = self._routes[key].get(request.method)
         if handler is None:
             raise GatewayError("method_not_allowed", "%s takes %s" % (key, _ALLOW[key]),
                                headers=[("Allow", _ALLOW[key])])
         return handler
 
     def _check_token(self, authorization):
-        """SPEC §2.2: exactly "Bearer <token>", compared in constant time."""
+        """Step 2: exactly "Bearer <token>", compared in constant time."""
         parts = (authorization or "").split(" ")
         if (len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1]
                 or len(parts[1]) > MAX_TOKEN_CHARS or not _same_secret(parts[1], self.token)):
@@ -1155,15 +1719,17 @@ class EventGateway:
 
     @staticmethod
     def _check_content_type(headers):
-        """SPEC §2.4: application/json, parameters allowed, any case."""
-        media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        """Step 4: application/json, parameters allowed, any case."""
+        sent = headers.get("content-type")
+        media_type = (sent or "").split(";", 1)[0].strip(OWS).lower()
         if media_type != "application/json":
-            raise GatewayError("missing_json_content_type",
-                               "Content-Type must be application/json")
+            raise GatewayError("missing_json_content_type", "Content-Type must be "
+                               "application/json; this request sent %s" % (
+                                   "none" if sent is None else "`%s`" % _printable(sent[:80])))
 
     @staticmethod
     def _check_body_size(method, length):
-        """SPEC §2.5: a POST with no body length (411), or a body too large (413).
+        """Step 5: a POST with no body length (411), or a body too large (413).
 
         length is None when the request has neither Content-Length nor a
         chunked body; a body of any method over the limit is refused.
@@ -1176,44 +1742,74 @@ class EventGateway:
             raise GatewayError("payload_too_large",
                                "body is larger than %d bytes" % MAX_BODY_BYTES)
 
-    def _strike_fault(self, path):
+    def _strike_before(self, request):
+        """After step 3: the first queued fault that matches strikes (README, "Faults").
+
+        O(1) when no queued fault names this route.  A "before" fault answers
+        now; an "after" one is kept on the request for _answer(); "slow" waits."""
+        path = request.path
+        if path not in EVENT_ROUTES or not self._fault_routes:
+            return
         with self._faults_lock:
-            for index, fault in enumerate(self._faults):
-                if fault.route in (path, "*"):
-                    if fault.count > 1:
-                        self._faults[index] = fault._replace(count=fault.count - 1)
-                    else:
-                        del self._faults[index]
-                    break
-            else:
+            if not (self._fault_routes[path] or self._fault_routes["*"]):
                 return
-        if fault.delay_ms:
-            time.sleep(fault.delay_ms / 1000)
-        raise GatewayError(FAULT_CODES[fault.status], "injected fault: this request was "
-                           "failed on purpose by POST /__admin/faults",
-                           headers=_AUTH_CHALLENGE if fault.status == 401 else ())
+            fault = self._take_fault(path)
+        if fault is None:
+            return
+        request.fault = fault
+        if fault.kind == "slow" or fault.when == "after":
+            if fault.kind == "slow":
+                self._pause(fault.delay_ms)
+            return
+        self._pause(fault.delay_ms)
+        if fault.kind == "drop":
+            raise _Drop()
+        raise _fault_error(fault)
 
-    # -- the event routes (SPEC §2, steps 8-16) -------------------------------------
+    def _take_fault(self, path):
+        """The first queued fault for path that strikes, one strike used (lock held)."""
+        for index, fault in enumerate(self._faults):
+            if fault.route not in (path, "*"):
+                continue
+            if fault.probability < 1 and self._random.random() >= fault.probability:
+                continue        # not struck: on to the next queued fault
+            if fault.count > 1:
+                self._faults[index] = fault._replace(count=fault.count - 1)
+            else:
+                del self._faults[index]
+                self._fault_routes[fault.route] -= 1
+                if not self._fault_routes[fault.route]:
+                    del self._fault_routes[fault.route]
+            return fault._replace(count=1)
+        return None
 
-    def _route_event_create(self, path, query, doc):
-        return self._event_request(CREATE, doc)
+    def _pause(self, delay_ms):
+        if delay_ms:
+            self._stopping.wait(delay_ms / 1000)
 
-    def _route_event_update(self, path, query, doc):
-        return self._event_request(UPDATE, doc)
+    # -- the event routes (steps 8-16) ----------------------------------------------
 
-    def _route_event_close(self, path, query, doc):
-        return self._event_request(CLOSE, doc)
+    def _route_event_create(self, request):
+        return self._event_request(CREATE, request)
 
-    def _event_request(self, route, doc):
-        # 8. Unknown fields: the first in sorted order is named.
+    def _route_event_update(self, request):
+        return self._event_request(UPDATE, request)
+
+    def _route_event_close(self, request):
+        return self._event_request(CLOSE, request)
+
+    def _event_request(self, route, request):
+        doc = request.doc
+        # 8. Unknown fields, every one named.
         if not EVENT_FIELDS.issuperset(doc):
             _reject_unknown(doc, EVENT_FIELDS)
-        # 9. Fields forbidden on this route.
+        # 9. Fields forbidden on this route (event_id on create even as null).
         for field, code in FORBIDDEN_FIELDS[route]:
-            if doc.get(field) is not None:
+            if doc.get(field) is not None or (route == CREATE and field == "event_id"
+                                              and field in doc):
                 raise GatewayError(code, "%s is not allowed on %s" % (field, route))
         # 10. Channel credentials.
-        channel_id = self._authenticate_channel(doc)
+        channel_id = request.channel_id = self._authenticate_channel(doc, request)
         # 11. Required fields.
         if route != CREATE and _is_blank(doc.get("event_id")):
             raise GatewayError("event_id_required", _required(["event_id"]))
@@ -1223,21 +1819,28 @@ class EventGateway:
             raise GatewayError(code, _required(missing))
         if _is_blank(doc.get("event_time")):
             raise GatewayError("event_time_required", _required(["event_time"]))
-        # 12. Field rules, in the order of SPEC §4.
+        # 12. Field rules, in the order of FIELD_RULES.
         fields = {}
         for name, check in FIELD_RULES:
             value = doc.get(name)
+            if value is None:
+                if name in NOT_NULL_FIELDS and name in doc:
+                    raise GatewayError(NOT_NULL_FIELDS[name], _must_be(
+                        name, "an array or an object, not null; leave it out instead"
+                        if name == "images" else "an object, not null; leave it out instead"))
+                continue
+            value = check(value)
             if value is not None:
-                value = check(value)
-                if value is not None:
-                    fields[name] = value
+                fields[name] = value
         # 13-16 happen under the store's lock.
         op_id = fields.pop("op_id", None)
         digest = None if op_id is None else _request_digest(route, doc)
-        return self.store.dispatch(route, channel_id, op_id, digest, fields, self.clock())
+        body, request.op_id, request.event_id = self.store.dispatch(
+            route, channel_id, op_id, digest, fields, int(self.clock() * 1000))
+        return body
 
     def _credentials(self, doc):
-        """SPEC §2.10: channel_id then password, each required and well-formed."""
+        """Step 10: channel_id then password, each required and well-formed."""
         if _is_blank(doc.get("channel_id")):
             raise GatewayError("channel_id_required", _required(["channel_id"]))
         channel_id = check_channel_id(doc["channel_id"])
@@ -1245,86 +1848,137 @@ class EventGateway:
             raise GatewayError("password_required", _required(["password"]))
         return channel_id, check_password(doc["password"])
 
-    def _authenticate_channel(self, doc):
+    def _authenticate_channel(self, doc, request):
         channel_id, password = self._credentials(doc)
         expected = self._channels.get(channel_id)
-        # Unknown channel and wrong password are one answer: no oracle for which.
-        if expected is None or not _same_secret(password, expected):
+        # Unknown channel and wrong password are one answer, the same path: no oracle.
+        matches = _same_secret(password, _DUMMY_PASSWORD if expected is None else expected)
+        if expected is None or not matches:
+            if expected is not None:
+                request.note = "the channel exists; the password differs"
             raise GatewayError("channel_not_found", "no channel with this channel_id and password")
         return sys.intern(channel_id)       # stored with each event: one copy, not one per event
 
-    # -- liveness and the test-support routes (SPEC §1, §8) --------------------------
+    # -- liveness, the page and the test-support routes ------------------------------
 
-    def _route_healthz(self, path, query, doc):
+    def _route_healthz(self, request):
         return {"status": "ok"}
 
-    def _route_admin_events_get(self, path, query, doc):
-        filters = {}
-        for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-            if name not in EVENT_FILTERS:
-                raise GatewayError("invalid_filter", "unknown filter `%s`; use channel_id, "
-                                   "thing_id or state" % name[:64])
-            filters[name] = value
-        if "channel_id" in filters:
-            filters["channel_id"] = canonical_channel_id(filters["channel_id"])
-            if filters["channel_id"] is None:
-                raise GatewayError("invalid_filter", "channel_id filter is not a channel id")
-        if filters.get("state", "ongoing") not in ("ongoing", "closed"):
-            raise GatewayError("invalid_filter", "state filter must be ongoing or closed")
-        return {"events": self.events(**filters)}
+    def _route_page(self, request):
+        return _Raw(200, _PAGE_HEADERS, PAGE_BYTES)
 
-    def _route_admin_event_get(self, path, query, doc):
-        event = self.event(_admin_event_id(path))
+    def _route_favicon(self, request):
+        return _Raw(204, (), b"")
+
+    def _route_admin_events_get(self, request):
+        params = _query(request.query, EVENT_FILTERS)
+        wait_ms, count = _wait_params(params)
+        filters = _event_filters(**params)
+        found = self._wait(self.store, lambda: self.store.matching(**filters), count,
+                           wait_ms / 1000)
+        return {"events": [_event_view(record) for record in found]}
+
+    def _route_admin_event_get(self, request):
+        event = self.event(_admin_event_id(request.path))
         if event is None:
             raise GatewayError("event_not_found", "no event with this event_id")
         return event
 
-    def _route_admin_events_delete(self, path, query, doc):
-        return {"deleted": self.reset()}
+    def _route_admin_events_delete(self, request):
+        return {"deleted": self.clear_events()}
 
-    def _route_admin_channels_get(self, path, query, doc):
+    def _route_admin_requests_get(self, request):
+        params = _query(request.query, REQUEST_FILTERS)
+        wait_ms, count = _wait_params(params)
+        filters = _request_filters(**params)
+        found = self._wait(self.journal, lambda: self.journal.matching(**filters), count,
+                           wait_ms / 1000)
+        return {"requests": [_request_view(entry) for entry in found]}
+
+    def _route_admin_requests_delete(self, request):
+        return {"deleted": self.clear_requests()}
+
+    def _route_admin_reset(self, request):
+        return self.reset()
+
+    def _route_admin_channels_get(self, request):
         return {"channels": self.channel_ids()}
 
-    def _route_admin_channels_post(self, path, query, doc):
-        _reject_unknown(doc, ADMIN_CHANNEL_FIELDS)
-        channel_id, password = self._credentials(doc)
-        return {"channel_id": self.register_channel(channel_id, password)}
+    def _route_admin_channels_post(self, request):
+        _reject_unknown(request.doc, ADMIN_CHANNEL_FIELDS)
+        return {"channel_id": self.register_channel(*self._credentials(request.doc))}
 
-    def _route_admin_faults_get(self, path, query, doc):
+    def _route_admin_faults_get(self, request):
         return {"faults": self.faults()}
 
-    def _route_admin_faults_post(self, path, query, doc):
-        _reject_unknown(doc, ADMIN_FAULT_FIELDS)
-        return {"queued": self.add_fault(doc.get("route"), doc.get("status"), doc.get("count"),
-                                         doc.get("delay_ms"))}
+    def _route_admin_faults_post(self, request):
+        _reject_unknown(request.doc, FAULT_DEFAULTS.keys())
+        return {"queued": self.add_fault(**request.doc)}
 
-    def _route_admin_faults_delete(self, path, query, doc):
+    def _route_admin_faults_delete(self, request):
         return {"cleared": self.clear_faults()}
 
-    @staticmethod
-    def _check_fault(doc):
-        route, status = doc.get("route"), doc.get("status")
-        count = 1 if doc.get("count") is None else doc["count"]
-        delay_ms = 0 if doc.get("delay_ms") is None else doc["delay_ms"]
-        if route not in EVENT_ROUTES + ("*",):
-            raise GatewayError("invalid_fault", "route must be /event/create, /event/update, "
-                               "/event/close or *")
-        if not _is_number(status) or status not in FAULT_CODES:
+
+def _raise(code, message):
+    raise GatewayError(code, message)
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
+
+
+def _shown_filters(filters):
+    given = ", ".join("%s=%s" % item for item in filters.items() if item[1] is not None)
+    return given or "no filter"
+
+
+def _wait_params(params):
+    """?wait_ms= and ?count= of an admin list, taken out of params."""
+    wait_ms = _whole_number("wait_ms", params.pop("wait_ms", "0"), 0, MAX_WAIT_MS, text=True)
+    count = _whole_number("count", params.pop("count", "1"), 1, MAX_WAIT_COUNT, text=True)
+    return wait_ms, count
+
+
+def _fault_error(fault):
+    """The answer of a fault of kind "status"."""
+    headers = _AUTH_CHALLENGE if fault.status == 401 else ()
+    if fault.retry_after_s is not None:
+        headers = (("Retry-After", str(fault.retry_after_s)),)
+    return GatewayError(FAULT_CODES[fault.status], "injected fault: this request was failed on "
+                        "purpose by a fault queued on the gateway", headers=headers)
+
+
+def _check_fault(doc):
+    """A fault as POST /__admin/faults and add_fault() take it, or invalid_fault naming
+    the field.  null means the field's default."""
+    fault = {name: (FAULT_DEFAULTS[name] if doc.get(name) is None else doc[name])
+             for name in FAULT_DEFAULTS}
+    if fault["route"] not in EVENT_ROUTES + ("*",):
+        raise GatewayError("invalid_fault", "route must be /event/create, /event/update, "
+                           "/event/close or *")
+    if fault["kind"] not in ("status", "drop", "slow"):
+        raise GatewayError("invalid_fault", "kind must be status, drop or slow")
+    if fault["kind"] == "status":
+        if not _is_number(fault["status"]) or fault["status"] not in FAULT_CODES:
             raise GatewayError("invalid_fault", "status must be 401, 429, 500 or 503")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise GatewayError("invalid_fault", "count must be a whole number of at least 1")
-        if (not isinstance(delay_ms, int) or isinstance(delay_ms, bool)
-                or not 0 <= delay_ms <= MAX_FAULT_DELAY_MS):
-            raise GatewayError("invalid_fault",
-                               "delay_ms must be a whole number from 0 to %d" % MAX_FAULT_DELAY_MS)
-        return Fault(route, int(status), count, delay_ms)
-
-
-def _reject_unknown(doc, known):
-    """SPEC §2.8 for the admin POSTs."""
-    unknown = doc.keys() - known
-    if unknown:
-        raise GatewayError("invalid_json_data", "unknown field `%s`" % min(unknown))
+        fault["status"] = int(fault["status"])
+    elif fault["status"] is not None:
+        raise GatewayError("invalid_fault", "status must be left out for kind %s" % fault["kind"])
+    if fault["when"] not in ("before", "after"):
+        raise GatewayError("invalid_fault", "when must be before or after")
+    if fault["kind"] == "slow" and fault["when"] == "after":
+        raise GatewayError("invalid_fault", "when cannot be after for kind slow (it fails nothing)")
+    _whole_number("count", fault["count"], 1, 10 ** 9, code="invalid_fault")
+    _whole_number("delay_ms", fault["delay_ms"], 0, MAX_FAULT_DELAY_MS, code="invalid_fault")
+    if fault["retry_after_s"] is not None:
+        if fault["status"] not in (429, 503):
+            raise GatewayError("invalid_fault", "retry_after_s goes only with status 429 or 503")
+        _whole_number("retry_after_s", fault["retry_after_s"], 1, MAX_RETRY_AFTER_S,
+                      code="invalid_fault")
+    probability = fault["probability"]
+    if not (_is_number(probability) and _is_finite(probability) and 0 < probability <= 1):
+        raise GatewayError("invalid_fault", "probability must be a number above 0 and at most 1")
+    return Fault(**fault)
 
 
 # HTTP shell ####################################################################
@@ -1347,25 +2001,25 @@ class _BadFraming(Exception):
 def _framing(transfer_encoding, content_length):
     """(Content-Length or None, chunked?) of a request, or _BadFraming."""
     if transfer_encoding is not None:
-        if transfer_encoding.lower() != "chunked":
+        if transfer_encoding.strip(OWS).lower() != "chunked":
             raise _BadFraming("Transfer-Encoding must be chunked")
         if content_length is not None:
             raise _BadFraming("send Content-Length or chunked encoding, not both")
         return None, True
     if content_length is None:
         return None, False
-    lengths = set(value.strip() for value in content_length.split(","))
+    lengths = set(value.strip(OWS) for value in content_length.split(","))
     if len(lengths) > 1:
         raise _BadFraming("conflicting Content-Length headers")
     length = lengths.pop()
     if not _CONTENT_LENGTH.fullmatch(length):
         raise _BadFraming("Content-Length must be a whole number of bytes")
-    return int(length), False
+    return _length_value(length), False
 
 
 def _tokens(value):
     """The lower-cased tokens of a comma-separated header value."""
-    return {token.strip().lower() for token in value.split(",")}
+    return {token.strip(OWS).lower() for token in value.split(",")}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -1395,7 +2049,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         dict of lower-cased names; a repeated name's values are joined with ", "
         as RFC 9110 §5.3 allows.  Then keep-alive and Expect are decided.
         """
-        self.command = None
+        self.command, self.headers = None, {}
         self.request_version = "HTTP/1.1"     # what an answer sent before the version says
         self.close_connection = True
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
@@ -1408,26 +2062,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(505 if _HTTP_VERSION.fullmatch(version) else 400)
             return False
         self.command, self.path, self.request_version = method, target, version
-        headers = {}
+        headers = self.headers = {}
+        head_bytes = 0
         for _ in range(MAX_HEADER_LINES + 1):
             line = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
             if line in (b"\r\n", b"\n"):
                 break
             if not line:
                 return False                   # the client went away mid-head
-            if len(line) > MAX_HEAD_LINE_BYTES:
+            head_bytes += len(line)
+            if len(line) > MAX_HEAD_LINE_BYTES or head_bytes > MAX_HEAD_BYTES:
                 self.send_error(431)
                 return False
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 self.send_error(400)
                 return False
-            name, value = name.lower(), value.strip()
+            # Only SP and HTAB are optional whitespace: "\x0bchunked" is not "chunked".
+            name, value = name.lower(), value.rstrip("\r\n").strip(OWS)
             headers[name] = headers[name] + ", " + value if name in headers else value
         else:
             self.send_error(431)
             return False
-        self.headers = headers
         connection = _tokens(headers.get("connection", ""))
         if version == "HTTP/1.1":
             self.close_connection = "close" in connection
@@ -1456,10 +2112,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                        headers.get("content-length"))
         except _BadFraming as problem:
             self.close_connection = True
-            self._send(gateway.refuse("bad_request", str(problem), self.command, self.path))
+            self._send(gateway.refuse("bad_request", str(problem), self.command, self.path,
+                                      headers))
             return
         if length is not None and length > MAX_BODY_BYTES:
-            # Refuse before reading (413, or whatever comes first in SPEC §2); the
+            # Refuse before reading (413, or whatever comes first of steps 1-5); the
             # unread body makes the connection unusable.  Any smaller body is read,
             # and handle() runs the same steps with it.
             refusal = gateway.check_head(self.command, self.path, headers)
@@ -1472,7 +2129,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 body = self._read_chunked()
             except _BadFraming as problem:
                 self.close_connection = True
-                self._send(gateway.refuse("bad_request", str(problem), self.command, self.path))
+                self._send(gateway.refuse("bad_request", str(problem), self.command, self.path,
+                                          headers))
                 return
         elif length is None:
             body = None
@@ -1509,7 +2167,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return bytes(body)
 
     def handle_expect_100(self):
-        # Refuse before the client sends the body (SPEC §9: curl sends Expect for > 1 KiB).
+        # Refuse before the client sends the body (curl sends Expect for bodies over 1 KiB).
         refusal = self.server.gateway.check_head(self.command, self.path, self.headers)
         if refusal is None:
             return super().handle_expect_100()
@@ -1522,29 +2180,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         error_code = _SHELL_ERROR_CODES.get(code, "bad_request")
         self.close_connection = True
         self._send(self.server.gateway.refuse(error_code, _SHELL_MESSAGES[error_code],
-                                              self.command or "-", getattr(self, "path", "-")))
+                                              self.command or "", getattr(self, "path", ""),
+                                              getattr(self, "headers", None)))
 
     def _send(self, response):
-        """The whole response in one write."""
+        """The whole response in one write; a dropped answer (status None) closes."""
         status, headers, body = response
+        if status is None:
+            self.close_connection = True
+            return
         head = ["%s %d %s\r\n" % (self.protocol_version, status, _REASONS.get(status, ""))]
         head.extend("%s: %s\r\n" % pair for pair in headers)
-        head.append("Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
-                    % (len(body), self.server.http_date(), self.server_version))
+        if self.command != "HEAD" and status != 204:     # a HEAD answer carries its own
+            head.append("Content-Length: %d\r\n" % len(body))
+        head.append("Date: %s\r\nServer: %s\r\n" % (self.server.http_date(), self.server_version))
         if self.close_connection:
             head.append("Connection: close\r\n")
         elif self.request_version == "HTTP/1.0":
             head.append("Connection: keep-alive\r\n")
         head.append("\r\n")
-        data = "".join(head).encode("latin-1")
-        self.wfile.write(data if self.command == "HEAD" else data + body)
+        self.wfile.write("".join(head).encode("latin-1") + body)
 
     def log_message(self, format, *args):
         pass    # the gateway writes the one log line per request
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """A thread per connection (daemon threads), so a slow client stalls nobody."""
+    """A thread per connection (daemon threads), so a slow client stalls nobody.
+
+    It knows its open connections, so that close_connections() can end every
+    one of them when the server stops, and it backs off when the process is
+    out of file descriptors instead of spinning on accept()."""
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
@@ -1553,6 +2219,9 @@ class _Server(http.server.ThreadingHTTPServer):
         self.gateway = gateway
         self.idle_timeout = idle_timeout
         self._date = (0, "")
+        self._connections = set()
+        self._connections_lock = threading.Lock()
+        self._closing = threading.Event()
         super().__init__(address, _Handler)
 
     def http_date(self):
@@ -1570,6 +2239,39 @@ class _Server(http.server.ThreadingHTTPServer):
         socketserver_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            # Out of descriptors, the listening socket stays readable: without a
+            # pause, serve_forever() would call accept() again at once, forever.
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                self._closing.wait(ACCEPT_BACKOFF_S)
+            raise
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self):
+        """End every open connection (keep-alive ones included) and every wait."""
+        self._closing.set()
+        self.gateway.stop_waiting()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass        # already closed by its client
+        # A handler thread then reads EOF, answers nothing more and closes its socket.
+
     def handle_error(self, request, client_address):
         # A client that resets or times out its connection is no error of ours.
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -1583,12 +2285,14 @@ class _Server6(_Server):
 
 
 def make_server(gateway, host=DEFAULT_HOST, port=DEFAULT_PORT, idle_timeout=IDLE_TIMEOUT_S):
-    """A listening (not yet serving) HTTP server for gateway; .url is its base URL."""
+    """A listening (not yet serving) HTTP server for gateway; .url is its base URL
+    (with its trailing slash, which is also the live page's address)."""
     server_class = _Server6 if ":" in host else _Server
     server = server_class((host, port), gateway, idle_timeout)
     bound_host, bound_port = server.server_address[:2]
-    server.url = "http://%s:%d" % ("[%s]" % bound_host if ":" in bound_host else bound_host,
-                                   bound_port)
+    server.url = "http://%s:%d/" % ("[%s]" % bound_host if ":" in bound_host else bound_host,
+                                    bound_port)
+    gateway.stop_waiting(False)
     return server
 
 
@@ -1601,8 +2305,12 @@ Served = collections.namedtuple("Served", "url gateway")
 def serve_in_thread(gateway=None, host=DEFAULT_HOST, port=0, idle_timeout=IDLE_TIMEOUT_S):
     """Serve gateway on a background thread; yields Served(url, gateway).
 
-    The socket listens before this yields, so no readiness poll is needed; the
-    server is stopped and its socket closed on exit, also when the block raised.
+    url is the base URL without its trailing slash ("http://127.0.0.1:PORT"),
+    so that url + "/event/create" reads as it should.  The socket listens
+    before this yields, so no readiness poll is needed.  On exit, also when the
+    block raised, the server stops, every connection it accepted is closed
+    (a pooled keep-alive client cannot talk on to a stopped gateway) and every
+    wait ends.
     """
     if gateway is None:
         gateway = EventGateway()
@@ -1611,26 +2319,71 @@ def serve_in_thread(gateway=None, host=DEFAULT_HOST, port=0, idle_timeout=IDLE_T
                               name="event-gateway %s" % server.url, daemon=True)
     thread.start()
     try:
-        yield Served(server.url, gateway)
+        yield Served(server.url.rstrip("/"), gateway)
     finally:
         server.shutdown()
+        server.close_connections()
         server.server_close()
         thread.join()
 
 
 # Command line ##################################################################
 
+_EXAMPLES = """examples:
+  python event_gateway.py
+  python event_gateway.py --port 0 --quiet
+  python event_gateway.py --token s3cret --channel 06J0FZG1Y8XGG14VTQ4Y3G10MR:pass-1234
+
+then open the printed URL in a browser to watch requests and events arrive, and
+send the public page's curl example to it (with http://127.0.0.1:6666 as its host).
+"""
+
+
+def _port(text):
+    port = _int_option(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535 (0 picks a free port)")
+    return port
+
+
+def _int_option(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number, not %r" % text[:40]) from None
+
+
+def _at_least(low):
+    def parse(text):
+        value = _int_option(text)
+        if value < low:
+            raise argparse.ArgumentTypeError("must be at least %d" % low)
+        return value
+    return parse
+
+
+def _idle_timeout(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_IDLE_TIMEOUT_S:       # also refuses nan and inf
+        raise argparse.ArgumentTypeError("must be a number of seconds above 0 and at most %d"
+                                         % MAX_IDLE_TIMEOUT_S)
+    return seconds
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="event_gateway.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A local PushGo Event API gateway for testing clients: POST /event/create, "
-                    "/event/update and /event/close, events kept in memory, inspectable under "
-                    "/__admin/. Not a production server.",
-        epilog="Example: python event_gateway.py --port 0 --channel "
-               "06J0FZG1Y8XGG14VTQ4Y3G10MR:pass-1234 --token secret")
+                    "/event/update and /event/close, events kept in memory, a live page at /, "
+                    "test-support routes under /__admin/. Not a production server.",
+        epilog=_EXAMPLES)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
                         help="port to listen on; 0 picks a free one and prints it "
                              "(default %(default)s)")
     parser.add_argument("--token", default=None,
@@ -1640,12 +2393,20 @@ def build_parser():
                         help="register a channel (repeatable; default: the API page's example "
                              "channel %s with password %s)"
                              % (EXAMPLE_CHANNEL_ID, EXAMPLE_CHANNEL_PASSWORD))
-    parser.add_argument("--max-events", type=int, default=DEFAULT_MAX_EVENTS,
+    parser.add_argument("--max-events", type=_at_least(1), default=DEFAULT_MAX_EVENTS,
                         help="events kept in memory; closed ones are dropped first "
                              "(default %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
+    parser.add_argument("--max-history", type=_at_least(2), default=DEFAULT_MAX_HISTORY,
+                        help="dispatches kept per event, the create included; older updates "
+                             "are dropped (default %(default)s)")
+    parser.add_argument("--max-requests", type=_at_least(0), default=DEFAULT_MAX_REQUESTS,
+                        help="requests kept by the journal (GET /__admin/requests, the page); "
+                             "0 turns it off (default %(default)s)")
+    parser.add_argument("--idle-timeout", type=_idle_timeout, default=IDLE_TIMEOUT_S,
                         help="seconds without a byte before a connection is closed "
-                             "(default %(default)s)")
+                             "(default %(default)s, at most %d)" % MAX_IDLE_TIMEOUT_S)
+    parser.add_argument("--seed", type=_int_option, default=0,
+                        help="seed of the faults' probability draws (default %(default)s)")
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
@@ -1658,12 +2419,44 @@ def _parse_channels(parser, specs):
         try:
             if not sep:
                 raise GatewayError("invalid_password", "missing :PASSWORD")
-            canonical = check_channel_id(channel_id)     # the id first, as in SPEC §2.10
+            canonical = check_channel_id(channel_id)     # the id first, as in step 10
             channels[canonical] = check_password(password)
         except GatewayError as error:
             # The message names the rule, never the password.
-            parser.error("--channel %s:...: %s" % (channel_id[:40], error.message))
+            parser.error("--channel %s:...: %s" % (_printable(channel_id[:40]), error.message))
+    if len(channels) > MAX_CHANNELS:
+        parser.error("at most %d --channel options" % MAX_CHANNELS)
     return channels or None
+
+
+def _raise_descriptor_limit():
+    """Let the gateway hold as many connections as the system allows it."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass        # not on this system (Windows), or not allowed: keep the limit there is
+
+
+def _calm_garbage_collector():
+    """Make full passes of CPython's garbage collector rare.
+
+    The store keeps up to --max-events events for the life of the process, and
+    a full pass walks all of them: with the default thresholds one came every
+    few thousand creates, a 10-25 ms pause each, more often and longer as the
+    store grew.  The gateway makes no reference cycles that outlive a request,
+    so full passes come after 1000 middle-generation passes instead of 10, and
+    the objects of start-up are frozen out of them.  Young objects are collected
+    as usual.  Only main() does this: it owns the process; an embedding test
+    suite does not.  PyPy's collector is another design and has neither call.
+    """
+    if hasattr(gc, "freeze"):
+        gc.freeze()
+    if hasattr(gc, "set_threshold") and platform.python_implementation() == "CPython":
+        gc.set_threshold(700, 10, 1000)
 
 
 def main(argv=None):
@@ -1674,18 +2467,22 @@ def main(argv=None):
     if token is not None and (not token or len(token) > MAX_TOKEN_CHARS
                               or any(c.isspace() for c in token)):
         parser.error("the token must be 1-%d characters with no spaces" % MAX_TOKEN_CHARS)
-    if args.max_events < 1:
-        parser.error("--max-events must be at least 1")
-    if not args.idle_timeout > 0:
-        parser.error("--idle-timeout must be a positive number of seconds")
     channels = _parse_channels(parser, args.channel)
     gateway = EventGateway(token=token, channels=channels, max_events=args.max_events,
-                           log=None if args.quiet else sys.stderr)
+                           max_history=args.max_history, max_requests=args.max_requests,
+                           seed=args.seed, log=None if args.quiet else sys.stderr)
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
+    except socket.gaierror as error:
+        print("event_gateway: cannot listen on %s: the host does not resolve (%s); give an "
+              "address such as 127.0.0.1 or ::1" % (_printable(args.host[:80]), error.strerror),
+              file=sys.stderr)
+        return 1
     except OSError as error:
-        print("event_gateway: cannot listen on %s:%d: %s (try another --port, or --port 0)"
-              % (args.host, args.port, error.strerror or error), file=sys.stderr)
+        hint = (" (try another --port, or --port 0)" if error.errno == errno.EADDRINUSE else "")
+        print("event_gateway: cannot listen on %s port %d: %s%s"
+              % (_printable(args.host[:80]), args.port, error.strerror or error, hint),
+              file=sys.stderr)
         return 1
 
     def stop(signum, frame):
@@ -1693,27 +2490,305 @@ def main(argv=None):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
-    # The store keeps up to --max-events events for the life of the process, and
-    # a full pass of the garbage collector walks all of them and its large dicts:
-    # with the default thresholds one came every few thousand creates, a 10-25 ms
-    # pause each, more often and longer as the store grew.  The gateway makes no
-    # reference cycles that outlive a request, so full passes are made rare
-    # (after 1000 middle-generation passes instead of 10), and the objects of
-    # start-up are frozen out of them.  Young objects are collected as usual.
-    # Only main() does this: it owns the process; an embedding test suite does not.
-    gc.freeze()
-    gc.set_threshold(700, 10, 1000)
+    _raise_descriptor_limit()
+    _calm_garbage_collector()
     if not args.quiet or args.port == 0:
-        print("event_gateway: listening on %s (auth %s; channels: %s); Ctrl-C to stop"
-              % (server.url, "on" if token else "off", ", ".join(gateway.channel_ids())),
-              flush=True)
+        print("event_gateway: listening on %s (auth %s; channels: %s); open it in a browser "
+              "to watch; Ctrl-C to stop" % (server.url, "on" if token else "off",
+                                            ", ".join(gateway.channel_ids())), flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:
         pass
     finally:
+        server.close_connections()
         server.server_close()
     return 0
+
+
+
+# The live page ###############################################################
+#
+# GET / serves this one self-contained page, for the person running the gateway
+# on a laptop: open http://127.0.0.1:6666/ and watch a client work.  It shows
+# the request journal newest first (refused, dropped and faulted requests stand
+# out; a click shows an entry's masked headers and body) and the events with
+# their histories; it can reset the gateway and queue and clear faults.  It
+# learns of changes by long-polling GET /__admin/requests?after=SEQ&wait_ms=...
+# and then fetches the events again.  With a gateway token it asks for the
+# token, keeps it in the tab's sessionStorage and sends it as a Bearer token;
+# the HTML itself holds no data.  It shows every value with textContent, never
+# as HTML, and its Content-Security-Policy lets only its own inline script and
+# style run (by their hashes) and connect only to its own origin.
+
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>PushGo event gateway</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2430; background: #f4f5f7; }
+header { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; padding: 10px 16px;
+         background: #1d2430; color: #fff; }
+header h1 { font-size: 16px; margin: 0 12px 0 0; }
+header input, header select, header button { font: inherit; }
+#state { padding: 2px 8px; border-radius: 10px; background: #2e7d32; }
+#state.down { background: #c62828; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; padding: 16px; }
+section { background: #fff; border-radius: 6px; padding: 8px 12px; min-width: 0; }
+h2 { font-size: 15px; margin: 4px 0 8px; }
+table { width: 100%; border-collapse: collapse; }
+td { padding: 3px 6px; border-top: 1px solid #e3e5e8; vertical-align: top; word-break: break-word; }
+tr.entry { cursor: pointer; }
+tr.bad td { color: #b71c1c; background: #fdecea; }
+tr.faulted td { color: #8e24aa; background: #f6e9f8; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-all; font-size: 12px; background: #f4f5f7; padding: 6px; }
+.event { border: 1px solid #e3e5e8; border-radius: 6px; padding: 6px 10px; margin-bottom: 8px; }
+.event h3 { font-size: 14px; margin: 0 0 4px; }
+.badge { display: inline-block; padding: 0 6px; margin-right: 6px; border-radius: 8px; font-size: 12px; background: #e3e5e8; }
+.ongoing { background: #fff3cd; } .closed { background: #d7f0dc; }
+.critical, .high { background: #fdecea; color: #b71c1c; }
+.muted { color: #68707d; font-size: 12px; }
+ol { margin: 4px 0 0; padding-left: 18px; font-size: 12px; }
+form { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
+#login { padding: 16px; }
+</style>
+</head>
+<body>
+<header>
+  <h1>PushGo event gateway</h1>
+  <span id="state">connecting</span>
+  <input id="channel" placeholder="filter: channel_id" size="28">
+  <input id="thing" placeholder="filter: thing_id" size="14">
+  <button id="reset" type="button">Reset gateway</button>
+</header>
+<div id="login" hidden>
+  <form id="token-form">
+    <label for="token">This gateway wants its token:</label>
+    <input id="token" type="password" autocomplete="off">
+    <button type="submit">Show</button>
+  </form>
+</div>
+<main id="panes" hidden>
+  <section>
+    <h2>Requests, newest first</h2>
+    <table><tbody id="journal"></tbody></table>
+  </section>
+  <section>
+    <h2>Faults</h2>
+    <form id="fault-form">
+      <select id="f-route"><option>/event/create</option><option>/event/update</option>
+        <option>/event/close</option><option>*</option></select>
+      <select id="f-kind"><option>status</option><option>drop</option><option>slow</option></select>
+      <select id="f-status"><option>503</option><option>500</option><option>429</option><option>401</option></select>
+      <select id="f-when"><option>before</option><option>after</option></select>
+      <input id="f-count" type="number" min="1" value="1" size="4" title="count">
+      <input id="f-delay" type="number" min="0" value="0" size="6" title="delay_ms">
+      <button type="submit">Queue</button>
+      <button id="f-clear" type="button">Clear faults</button>
+    </form>
+    <p id="faults" class="muted"></p>
+    <h2>Events</h2>
+    <div id="events"></div>
+  </section>
+</main>
+<script>
+"use strict";
+// Everything shown is set with textContent: no data is ever parsed as HTML.
+const $ = (id) => document.getElementById(id);
+let seq = 0;
+let entries = [];
+const opened = new Set();
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function clock(ms) {
+  return ms === null || ms === undefined ? "" : new Date(ms).toISOString().slice(11, 23);
+}
+
+class NeedToken extends Error {}
+
+async function api(method, path, body) {
+  const headers = {};
+  const token = sessionStorage.getItem("gatewayToken");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const answer = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+  if (answer.status === 401) throw new NeedToken();
+  const envelope = await answer.json();
+  if (!envelope.success) throw new Error(envelope.error_code + ": " + envelope.error);
+  return envelope.data;
+}
+
+function showJournal() {
+  const rows = $("journal");
+  rows.replaceChildren();
+  const channel = $("channel").value.replace(/[\s-]/g, "").toUpperCase();
+  for (const entry of entries.slice().reverse()) {
+    if (channel && entry.channel_id !== channel) continue;
+    const row = el("tr", null, "entry");
+    if (entry.fault) row.classList.add("faulted");
+    else if (entry.status === null || entry.status >= 400) row.classList.add("bad");
+    const status = entry.status === null ? "dropped" : entry.status;
+    for (const text of [clock(entry.received_at), entry.method, entry.path, status,
+                        entry.error_code || "", entry.error || entry.note || ""]) {
+      row.append(el("td", text));
+    }
+    row.addEventListener("click", () => {
+      if (opened.has(entry.seq)) opened.delete(entry.seq); else opened.add(entry.seq);
+      showJournal();
+    });
+    rows.append(row);
+    if (opened.has(entry.seq)) {
+      const detail = el("tr");
+      const cell = el("td");
+      cell.colSpan = 6;
+      const shown = {headers: entry.headers, body: entry.body, body_bytes: entry.body_bytes,
+                     op_id: entry.op_id, event_id: entry.event_id, fault: entry.fault, note: entry.note};
+      cell.append(el("pre", JSON.stringify(shown, null, 2)));
+      detail.append(cell);
+      rows.append(detail);
+    }
+  }
+}
+
+function showEvent(event) {
+  const card = el("div", null, "event");
+  const title = el("h3");
+  title.append(el("span", event.state, "badge " + event.state),
+               el("span", event.severity, "badge " + event.severity), el("span", event.title));
+  card.append(title, el("div", event.status + ": " + event.message));
+  if (event.tags.length) card.append(el("div", "tags: " + event.tags.join(", "), "muted"));
+  if (Object.keys(event.attrs).length) card.append(el("div", "attrs: " + JSON.stringify(event.attrs), "muted"));
+  card.append(el("div", event.event_id + (event.thing_id ? " · thing " + event.thing_id : ""), "muted"));
+  const history = el("ol");
+  for (const dispatch of event.history) {
+    const fields = dispatch.fields;
+    history.append(el("li", clock(dispatch.received_at) + " " + dispatch.route.slice(7) + " · " +
+                      (fields.status || "") + ": " + (fields.message || "")));
+  }
+  if (event.history_dropped) history.append(el("li", event.history_dropped + " older updates dropped"));
+  card.append(history);
+  return card;
+}
+
+async function refresh() {
+  const query = new URLSearchParams();
+  if ($("channel").value.trim()) query.set("channel_id", $("channel").value.trim());
+  if ($("thing").value.trim()) query.set("thing_id", $("thing").value.trim());
+  let events = [];
+  try {
+    events = (await api("GET", "/__admin/events?" + query)).events;
+  } catch (error) {
+    if (error instanceof NeedToken) throw error;
+    $("events").replaceChildren(el("p", error.message, "muted"));
+    return;
+  }
+  $("events").replaceChildren(...events.reverse().map(showEvent));
+  if (!events.length) $("events").append(el("p", "No events yet.", "muted"));
+  const faults = (await api("GET", "/__admin/faults")).faults;
+  $("faults").textContent = faults.length ? "Queued: " + faults.map((f) =>
+    f.route + " " + (f.kind === "status" ? f.status : f.kind) + " " + f.when + " ×" + f.count).join("; ")
+    : "No faults queued.";
+}
+
+function showState(text, down) {
+  $("state").textContent = text;
+  $("state").classList.toggle("down", down);
+}
+
+function askToken() {
+  $("panes").hidden = true;
+  $("login").hidden = false;
+  showState("token needed", true);
+}
+
+async function follow() {
+  let waitMs = 0;            // the first look answers at once; later ones wait for news
+  for (;;) {
+    try {
+      const found = (await api("GET", "/__admin/requests?after=" + seq + "&wait_ms=" + waitMs)).requests;
+      waitMs = 20000;
+      showState("live", false);
+      $("login").hidden = true;
+      $("panes").hidden = false;
+      if (found.length) {
+        entries = entries.concat(found).slice(-200);
+        seq = found[found.length - 1].seq;
+        showJournal();
+      }
+      await refresh();
+    } catch (error) {
+      if (error instanceof NeedToken) { askToken(); return; }
+      showState("reconnecting…", true);
+      seq = 0;               // a restarted gateway counts from 1 again
+      entries = [];
+      waitMs = 0;
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+}
+
+async function act(method, path, body) {
+  try {
+    if (method) await api(method, path, body);
+    await refresh();
+  } catch (error) {
+    if (error instanceof NeedToken) askToken(); else $("faults").textContent = error.message;
+  }
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem("gatewayToken", $("token").value);
+  $("token").value = "";
+  $("login").hidden = true;
+  follow();
+});
+$("reset").addEventListener("click", () => {
+  entries = [];
+  showJournal();
+  act("POST", "/__admin/reset");
+});
+$("fault-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const kind = $("f-kind").value;
+  act("POST", "/__admin/faults", {route: $("f-route").value, kind,
+      status: kind === "status" ? Number($("f-status").value) : null,
+      when: kind === "slow" ? "before" : $("f-when").value,
+      count: Number($("f-count").value), delay_ms: Number($("f-delay").value)});
+});
+$("f-clear").addEventListener("click", () => act("DELETE", "/__admin/faults"));
+for (const id of ["channel", "thing"]) {
+  $(id).addEventListener("change", () => { showJournal(); act(); });
+}
+follow();
+</script>
+</body>
+</html>
+"""
+PAGE_BYTES = PAGE_HTML.encode("utf-8")
+
+
+def _inline_hash(html, tag):
+    """The CSP source that allows exactly the one inline <tag> of html."""
+    text = html.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (_inline_hash(PAGE_HTML, "script"), _inline_hash(PAGE_HTML, "style")))
+_PAGE_HEADERS = (("Content-Type", "text/html; charset=utf-8"),
+                 ("Content-Security-Policy", PAGE_CSP),
+                 ("X-Content-Type-Options", "nosniff"),
+                 ("Cache-Control", "no-store"))
 
 
 if __name__ == "__main__":
