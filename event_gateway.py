@@ -1337,12 +1337,13 @@ class _Request:
     """One request as the core handles it, and what handling it learned that
     the journal and the log line show."""
 
-    __slots__ = ("method", "path", "query", "headers", "doc", "channel_id", "op_id",
-                 "event_id", "note", "fault")
+    __slots__ = ("method", "path", "query", "headers", "received_at", "doc", "channel_id",
+                 "op_id", "event_id", "note", "fault")
 
     def __init__(self, method, path, query, headers):
         self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.doc = self.channel_id = self.op_id = self.event_id = self.note = self.fault = None
+        self.received_at = self.doc = self.channel_id = self.op_id = self.event_id = None
+        self.note = self.fault = None
 
 
 class _Drop(Exception):
@@ -1570,7 +1571,7 @@ class EventGateway:
 
     def _answer(self, request, started, work, body, body_bytes):
         """Run work() for request; the answer, journaled and logged once."""
-        received_at = int(self.clock() * 1000)
+        received_at = request.received_at = int(self.clock() * 1000)    # Unix milliseconds
         code = message = None
         raw = False
         try:
@@ -1657,7 +1658,7 @@ class EventGateway:
             if value is not None:
                 parts.append("%s=%s" % (name, value))
         parts.append("%.1fms %s" % (duration_ms, request_id))
-        line = _printable(" ".join(parts))
+        line = " ".join(map(_printable, parts))
         if len(line) > MAX_LOG_LINE_CHARS:
             line = line[:MAX_LOG_LINE_CHARS - 3] + "..."
         self.log.write(line + "\n")
@@ -1836,7 +1837,7 @@ class EventGateway:
         op_id = fields.pop("op_id", None)
         digest = None if op_id is None else _request_digest(route, doc)
         body, request.op_id, request.event_id = self.store.dispatch(
-            route, channel_id, op_id, digest, fields, int(self.clock() * 1000))
+            route, channel_id, op_id, digest, fields, request.received_at)
         return body
 
     def _credentials(self, doc):
@@ -1913,7 +1914,7 @@ class EventGateway:
 
     def _route_admin_faults_post(self, request):
         _reject_unknown(request.doc, FAULT_DEFAULTS.keys())
-        return {"queued": self.add_fault(**request.doc)}
+        return {"queued": self.add_fault(**dict(FAULT_DEFAULTS, **request.doc))}
 
     def _route_admin_faults_delete(self, request):
         return {"cleared": self.clear_faults()}
@@ -2404,7 +2405,7 @@ def build_parser():
                              "0 turns it off (default %(default)s)")
     parser.add_argument("--idle-timeout", type=_idle_timeout, default=IDLE_TIMEOUT_S,
                         help="seconds without a byte before a connection is closed "
-                             "(default %(default)s, at most %d)" % MAX_IDLE_TIMEOUT_S)
+                             "(default %%(default)s, at most %d)" % MAX_IDLE_TIMEOUT_S)
     parser.add_argument("--seed", type=_int_option, default=0,
                         help="seed of the faults' probability draws (default %(default)s)")
     parser.add_argument("--quiet", action="store_true",
