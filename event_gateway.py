@@ -1114,7 +1114,7 @@ def _error_body(code, message):
 # ?after=SEQ polls without gaps.  An entry is kept as a tuple in JOURNAL_KEYS
 # order with the request's raw headers and body; its view, built only when
 # read, masks them: the authorization header's credentials, a top-level
-# password, and any top-level string under a key the event routes do not know
+# password, and the value of any top-level key the event routes do not know
 # (a mistyped "password" key still holds a password).  A body that does not
 # parse as a JSON object is never shown, only its length.
 
@@ -1141,8 +1141,8 @@ def _masked_body(body):
         doc = parse_json_body(body)
     except GatewayError:
         return None
-    return {key: MASK if key == "password" or (key not in EVENT_FIELDS and isinstance(value, str))
-            else value for key, value in doc.items()}
+    return {key: MASK if key == "password" or key not in EVENT_FIELDS else value
+            for key, value in doc.items()}
 
 
 def _request_view(entry):

@@ -1,4 +1,4 @@
-"""Tests for event_gateway.py, in the order of SPEC.md's sections.
+"""Tests for event_gateway.py, in the order of its sections.
 
 Most tests call the sans-I/O core (EventGateway.handle) directly; the tests
 under "HTTP shell" and "Command line" use real sockets on ephemeral ports.
@@ -37,6 +37,31 @@ REMOTE_TOKEN = os.environ.get("EVENT_GATEWAY_TOKEN") or None
 LOCAL_ONLY = pytest.mark.skipif(
     REMOTE_URL is not None, reason="tests this module in-process; conformance mode "
     "(EVENT_GATEWAY_URL) runs the tests that go over HTTP")
+
+
+
+def _check_remote(url, token):
+    """In conformance mode, one clear error and exit when the server does not answer
+    or wants a token that was not given, rather than hundreds of failing tests."""
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
+    try:
+        conn.request("GET", "/__admin/events", headers={
+            "Authorization": "Bearer " + token} if token else {})
+        status = conn.getresponse().status
+    except OSError as error:
+        pytest.exit("EVENT_GATEWAY_URL=%s does not answer (%s); start the server first, for "
+                    "example: python event_gateway.py --quiet &" % (url, error), returncode=3)
+    finally:
+        conn.close()
+    if status == 401:
+        pytest.exit("the server at %s wants a gateway token; set EVENT_GATEWAY_TOKEN to it"
+                    % url if not token else "the server at %s refuses the token given in "
+                    "EVENT_GATEWAY_TOKEN" % url, returncode=3)
+
+
+if REMOTE_URL:
+    _check_remote(REMOTE_URL, REMOTE_TOKEN)
 
 CHANNEL = eg.EXAMPLE_CHANNEL_ID
 PASSWORD = eg.EXAMPLE_CHANNEL_PASSWORD
@@ -115,7 +140,7 @@ def call(gw, method, path, body=None, headers=None):
 
 
 def assert_envelope(status, headers, payload):
-    """SPEC §3: JSON, exactly four keys, success iff 200, an X-Request-Id."""
+    """The envelope: JSON, exactly four keys, success iff 200, an X-Request-Id."""
     names = {k.lower(): v for k, v in headers}
     assert names["content-type"] == "application/json"
     assert HEX32.fullmatch(names["x-request-id"])
@@ -219,7 +244,7 @@ def gw_auth():
     return eg.EventGateway(token="s3cret-token", clock=Clock())
 
 
-# SPEC §1 Routes ######################################################################
+# Routes ######################################################################
 
 def test_healthz_answers_ok(gw):
     status, _, envelope = call(gw, "GET", "/healthz")
@@ -259,11 +284,11 @@ def test_query_string_is_ignored_on_event_routes(gw):
     assert status == 200 and envelope["data"]["accepted"] is True
 
 
-# SPEC §2 Request processing order ####################################################
+# Request processing order ####################################################
 
 TOKEN_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer s3cret-token"}
 
-# Each row has two defects (or a defect and a boundary); the first in SPEC §2 wins.
+# Each row has two defects (or a defect and a boundary); the first in the processing order wins.
 ORDER_CASES = [
     pytest.param("POST", "/nope", {}, b"{", "route_not_found", id="404-before-401"),
     pytest.param("GET", eg.CREATE, {}, b"{", "authentication_failed", id="401-before-405"),
@@ -513,7 +538,7 @@ def test_paired_surrogate_escape_is_one_character(gw):
     assert gw.event(envelope["data"]["event_id"])["title"] == "\U0001F600"
 
 
-# SPEC §3 Response envelope ###########################################################
+# Response envelope ###########################################################
 
 def test_success_envelope_has_the_seed_shape(gw):
     status, headers, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, started_at=T0,
@@ -562,7 +587,7 @@ def test_messages_never_echo_the_password(gw):
         assert status in (400, 404) and "hunter2" not in envelope["error"]
 
 
-# SPEC §4 Field rules #################################################################
+# Field rules #################################################################
 
 LONG_OP = "o" * 128
 FIELD_CASES = [
@@ -834,7 +859,7 @@ def test_every_field_rule_is_in_table_order():
         assert check.__name__ == "check_" + name
 
 
-# SPEC §5 Event store and lifecycle ###################################################
+# Event store and lifecycle ###################################################
 
 EVENT_KEYS = ["event_id", "channel_id", "thing_id", "state", "title", "description", "status",
               "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
@@ -972,7 +997,7 @@ def test_two_gateways_do_not_share_state():
     assert second.faults() == []
 
 
-# SPEC §6 Idempotency #################################################################
+# Idempotency #################################################################
 
 def test_same_op_id_and_body_replays_byte_for_byte(gw):
     body = valid_body(eg.CREATE, op_id="op-1")
@@ -1073,7 +1098,7 @@ def test_concurrent_closes_one_wins(gw):
     assert codes == ["event_closed"] * 15 + ["ok"]
 
 
-# SPEC §7 Capacity ####################################################################
+# Capacity ####################################################################
 
 @LOCAL_ONLY
 def test_store_full_when_every_event_is_open():
@@ -1120,7 +1145,7 @@ def test_memory_stays_bounded_while_events_churn():
     assert sum(len(ops) for ops in gw.store._ops.values()) == 100
 
 
-# SPEC §8 Test-support routes #########################################################
+# Test-support routes #########################################################
 
 @LOCAL_ONLY
 def test_admin_events_filters(gw):
@@ -1422,7 +1447,567 @@ def test_thousands_of_concurrent_creates_lose_nothing(gw):
     assert len(gw.events()) == 3200
 
 
-# SPEC §9 HTTP shell #################################################################
+# Revision 2: no false passes, no false failures ######################################
+
+# Characters of 1, 2 and 3 UTF-8 bytes, to reach each byte limit with text of each kind.
+E2, E3 = "\u00e9", "\u4e2d"          # é (2 bytes), 中 (3 bytes)
+
+
+@pytest.mark.parametrize("changes, code", [
+    pytest.param({"tags": ["t" * 64]}, None, id="tag-64-ascii-bytes"),
+    pytest.param({"tags": ["t" * 65]}, "invalid_tags", id="tag-65-ascii-bytes"),
+    pytest.param({"tags": [E3 * 21]}, None, id="tag-21-cjk-is-63-bytes"),
+    pytest.param({"tags": [E3 * 21 + "t"]}, None, id="tag-64-bytes-of-cjk-and-ascii"),
+    pytest.param({"tags": [E3 * 22]}, "invalid_tags", id="tag-22-cjk-is-66-bytes"),
+    pytest.param({"tags": [E3 * 21 + "tt"]}, "invalid_tags", id="tag-65-bytes-of-cjk-and-ascii"),
+    pytest.param({"images": ["i" * 2048]}, None, id="image-2048-bytes"),
+    pytest.param({"images": [E2 * 1024]}, None, id="image-2048-bytes-of-2-byte-chars"),
+    pytest.param({"images": [E2 * 1024 + "i"]}, "invalid_images", id="image-2049-bytes"),
+    pytest.param({"images": None}, "invalid_images", id="images-null"),
+    pytest.param({"metadata": {E2 * 32: "v"}}, None, id="metadata-key-64-bytes"),
+    pytest.param({"metadata": {E2 * 32 + "k": "v"}}, "metadata_key_too_long",
+                 id="metadata-key-65-bytes"),
+    pytest.param({"metadata": {"k": E2 * 256}}, None, id="metadata-value-512-bytes"),
+    pytest.param({"metadata": {"k": E2 * 256 + "v"}}, "metadata_value_too_long",
+                 id="metadata-value-513-bytes"),
+    pytest.param({"ciphertext": "QUJD"}, None, id="ciphertext-string"),
+    pytest.param({"ciphertext": ""}, None, id="ciphertext-empty-is-absent"),
+    pytest.param({"ciphertext": 5}, "invalid_ciphertext", id="ciphertext-number"),
+    pytest.param({"ciphertext": {"a": 1}}, "invalid_ciphertext", id="ciphertext-object"),
+])
+def test_byte_counted_limits_and_new_fields(gw, changes, code):
+    result = post(gw, eg.CREATE, valid_body(eg.CREATE, **changes))
+    if code is None:
+        assert result[0] == 200, result[2]
+    else:
+        assert_error(result, 400, code)
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("password, status", [
+    pytest.param(E2 * 4, 200, id="password-8-bytes-of-2-byte-chars"),
+    pytest.param(E2 * 3 + "p", 400, id="password-7-bytes"),
+    pytest.param(E2 * 64, 200, id="password-128-bytes"),
+    pytest.param(E2 * 64 + "p", 400, id="password-129-bytes"),
+    pytest.param(E3 * 43, 400, id="password-43-cjk-is-129-bytes"),
+])
+def test_password_counts_utf8_bytes(password, status):
+    gateway = eg.EventGateway(channels={})
+    channel = crockford(77)
+    if status == 200:
+        gateway.register_channel(channel, password)
+    result = post(gateway, eg.CREATE, valid_body(eg.CREATE, channel_id=channel, password=password))
+    if status == 200:
+        assert result[0] == 200, result[2]
+    else:
+        assert_error(result, 400, "invalid_password", "bytes")
+
+
+@LOCAL_ONLY
+def test_ciphertext_belongs_to_the_dispatch_not_the_event(gw):
+    event_id = create(gw, ciphertext=" c1ph3r ")
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id))
+    event = gw.event(event_id)
+    assert "ciphertext" not in event
+    assert event["history"][0]["fields"]["ciphertext"] == "c1ph3r"
+    assert "ciphertext" not in event["history"][1]["fields"]
+
+
+SEED_CURL_EXAMPLE = {"channel_id": "06J0FZG1Y8XGG14VTQ4Y3G10MR", "password": "pass-1234",
+                     "title": "Database lag", "status": "ongoing",
+                     "message": "Replica delay > 30s", "severity": "high",
+                     "event_time": 1713750000, "started_at": 1713750000, "tags": ["db", "replica"]}
+T0_MS = 1713750000000     # today's page sends every time in milliseconds
+
+
+@LOCAL_ONLY
+def test_seed_page_curl_example_is_kept_in_milliseconds(gw):
+    status, _, envelope = post(gw, eg.CREATE, SEED_CURL_EXAMPLE)
+    assert status == 200, envelope
+    event = gw.event(envelope["data"]["event_id"])
+    assert (event["started_at"], event["history"][0]["event_time"]) == (T0_MS, T0_MS)
+
+
+@LOCAL_ONLY
+def test_todays_page_examples_in_milliseconds_with_attrs(gw):
+    body = dict(SEED_CURL_EXAMPLE, event_time=T0_MS, started_at=T0_MS,
+                attrs={"replica": "db-2", "lag_s": 31})
+    status, _, envelope = post(gw, eg.CREATE, body)
+    assert status == 200, envelope
+    event_id = envelope["data"]["event_id"]
+    update = {"channel_id": CHANNEL, "password": PASSWORD, "event_id": event_id,
+              "status": "ongoing", "message": "Replica delay > 60s", "severity": "critical",
+              "event_time": T0_MS + 60000, "attrs": {"lag_s": 65}}
+    close = {"channel_id": CHANNEL, "password": PASSWORD, "event_id": event_id,
+             "status": "resolved", "message": "Replica caught up", "severity": "normal",
+             "event_time": T0_MS + 120000, "ended_at": T0_MS + 120000, "attrs": {"lag_s": None}}
+    assert post(gw, eg.UPDATE, update)[0] == 200
+    assert post(gw, eg.CLOSE, close)[0] == 200
+    event = gw.event(event_id)
+    assert (event["state"], event["started_at"], event["ended_at"]) == (
+        "closed", T0_MS, T0_MS + 120000)
+    assert [d["event_time"] for d in event["history"]] == [T0_MS, T0_MS + 60000, T0_MS + 120000]
+    assert event["attrs"] == {"replica": "db-2"}
+
+
+@LOCAL_ONLY
+def test_close_in_milliseconds_for_an_event_created_in_seconds(gw):
+    event_id = create(gw, started_at=T0)
+    result = post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, ended_at=T0_MS - 1))
+    assert_error(result, 400, "invalid_ended_at", "started_at")
+    assert post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, ended_at=T0_MS))[0] == 200
+    assert gw.event(event_id)["ended_at"] == T0_MS == gw.event(event_id)["started_at"]
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("http://127.0.0.1:6666/event/create", id="absolute-form"),
+    pytest.param("HTTP://example.test/event/create?x=1", id="absolute-form-with-query"),
+])
+def test_absolute_form_target_is_reduced_to_its_path(gw, target):
+    status, _, envelope = post(gw, target, valid_body(eg.CREATE))
+    assert status == 200, envelope
+
+
+GET_PATHS = [path.replace("{event_id}", "nope") for path, methods in eg.ROUTES.items()
+             if "GET" in methods]
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("path", GET_PATHS)
+def test_head_on_every_get_route(gw, path):
+    got = gw.handle("GET", path, {}, None)
+    head = gw.handle("HEAD", path, {}, None)
+    assert head[0] == got[0] and head[2] == b""
+    names = lambda headers: sorted(k for k, _ in headers if k != "Content-Length")
+    assert names(head[1]) == names(got[1])
+    if got[0] != 204:
+        assert dict(head[1])["Content-Length"] == str(len(got[2]))
+
+
+@LOCAL_ONLY
+def test_success_envelope_keeps_the_page_nulls(gw):
+    payload = gw.handle("POST", eg.CREATE, JSON_HEADERS, json.dumps(valid_body(eg.CREATE)).encode())[2]
+    assert b'"thing_id": null' in payload and b'"error": null, "error_code": null' in payload
+
+
+# Bounded and flat: history, listings, channels, faults ##############################
+
+@LOCAL_ONLY
+def test_history_is_bounded_and_drops_the_oldest_after_the_create():
+    gateway = eg.EventGateway(max_history=3, clock=Clock())
+    event_id = create(gateway, op_id="op-create")
+    for n in range(5):
+        body = valid_body(eg.UPDATE, event_id=event_id, op_id="op-%d" % n, status="s%d" % n)
+        assert post(gateway, eg.UPDATE, body)[0] == 200
+        event = gateway.event(event_id)
+        assert len(event["history"]) == min(n + 2, 3)
+    assert [d["op_id"] for d in event["history"]] == ["op-create", "op-3", "op-4"]
+    assert event["history_dropped"] == 3
+    # op-0's record was dropped with it: the same op_id with another body is a new request.
+    body = valid_body(eg.UPDATE, event_id=event_id, op_id="op-0", status="again")
+    assert post(gateway, eg.UPDATE, body)[0] == 200
+    # A kept one still replays, byte for byte.
+    replay = valid_body(eg.UPDATE, event_id=event_id, op_id="op-4", status="s4")
+    assert post(gateway, eg.UPDATE, replay)[0] == 200
+    assert len(gateway.event(event_id)["history"]) == 3
+
+
+@LOCAL_ONLY
+def test_update_cost_is_flat_in_memory_however_long_the_history():
+    import tracemalloc
+    gateway = eg.EventGateway(max_history=50000, max_requests=0, clock=Clock())
+    event_id = create(gateway)
+    body = json.dumps(valid_body(eg.UPDATE, event_id=event_id)).encode()
+
+    def peak_of_one_update():
+        tracemalloc.reset_peak() if hasattr(tracemalloc, "reset_peak") else None
+        before = tracemalloc.get_traced_memory()[0]
+        assert gateway.handle("POST", eg.UPDATE, JSON_HEADERS, body)[0] == 200
+        return tracemalloc.get_traced_memory()[1] - before
+
+    tracemalloc.start()
+    try:
+        peaks = {}
+        for n in range(1, 20001):
+            if n in (100, 20000):
+                peaks[n] = peak_of_one_update()
+            else:
+                gateway.handle("POST", eg.UPDATE, JSON_HEADERS, body)
+    finally:
+        tracemalloc.stop()
+    assert len(gateway.event(event_id)["history"]) == 20001
+    # A copy of the history would show as ~160 KB at the 20 000th update.
+    assert peaks[20000] < peaks[100] + 16384, peaks
+
+
+@LOCAL_ONLY
+def test_listing_builds_its_views_outside_the_store_lock(gw, monkeypatch):
+    for _ in range(3):
+        create(gw)
+    building, release = threading.Event(), threading.Event()
+    real_view = eg._event_view
+
+    def slow_view(record):
+        building.set()
+        assert release.wait(10)
+        return real_view(record)
+
+    monkeypatch.setattr(eg, "_event_view", slow_view)
+    lister = threading.Thread(target=gw.events)
+    lister.start()
+    assert building.wait(10)
+    try:
+        create(gw)           # would wait for the lister forever if it held the lock
+    finally:
+        release.set()
+        lister.join(10)
+    assert gw.store.lock.acquire(timeout=1) and gw.store.lock.release() is None
+
+
+@LOCAL_ONLY
+def test_channels_are_bounded(monkeypatch):
+    monkeypatch.setattr(eg, "MAX_CHANNELS", 3)
+    gateway = eg.EventGateway()                                   # the example channel: 1
+    for number in (1, 2):
+        assert post(gateway, "/__admin/channels", {"channel_id": crockford(number),
+                                                   "password": "password-%d" % number})[0] == 200
+    assert_error(post(gateway, "/__admin/channels", {"channel_id": crockford(3),
+                                                     "password": "password-3"}),
+                 409, "too_many_channels")
+    assert post(gateway, "/__admin/channels", {"channel_id": crockford(2),
+                                               "password": "new-password"})[0] == 200
+    assert gateway.reset()["events"] == 0 and gateway.channel_ids() == [CHANNEL]
+
+
+def test_channel_limit_default_is_10000():
+    assert eg.MAX_CHANNELS == 10000 and eg.MAX_FAULTS == 1000
+
+
+@LOCAL_ONLY
+def test_unknown_channel_and_wrong_password_compare_the_same_way(gw, monkeypatch):
+    compared = []
+    real = eg._same_secret
+    monkeypatch.setattr(eg, "_same_secret", lambda a, b: compared.append(len(b)) or real(a, b))
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass")), 404,
+                 "channel_not_found")
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=crockford(999))), 404,
+                 "channel_not_found")
+    assert len(compared) == 2
+
+
+@LOCAL_ONLY
+def test_faults_are_bounded_and_a_miss_costs_no_scan(gw, monkeypatch):
+    for _ in range(eg.MAX_FAULTS):
+        gw.add_fault(eg.CLOSE, 503)
+    assert_error(post(gw, "/__admin/faults", {"route": eg.CLOSE, "status": 503}), 409,
+                 "too_many_faults")
+    scans = []
+    real = gw._take_fault
+    monkeypatch.setattr(gw, "_take_fault", lambda path: scans.append(path) or real(path))
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+    assert scans == []                               # no fault names /event/create: no scan
+    assert post(gw, eg.CLOSE, {})[0] == 503 and scans == [eg.CLOSE]
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("digits", [19, 4300, 4301, 10000])
+def test_any_content_length_is_refused_without_an_exception(gw, digits):
+    headers = dict(JSON_HEADERS, **{"Content-Length": "9" * digits})
+    answer = gw.check_head("POST", eg.CREATE, headers)
+    assert answer[0] == 413
+    assert eg._framing(None, "9" * digits) == (10 ** 18, False)
+    assert gw.internal_errors == []
+
+
+# Request journal #####################################################################
+
+@LOCAL_ONLY
+def test_journal_entry_of_a_create(gw):
+    headers = dict(JSON_HEADERS, Authorization="Bearer not-a-real-token")
+    body = valid_body(eg.CREATE, op_id="op-j", thing_id="db-1")
+    status, answer_headers, payload = gw.handle("POST", eg.CREATE + "?debug=1", headers,
+                                                json.dumps(body).encode())
+    (entry,) = gw.requests()
+    assert list(entry) == ["seq", "received_at", "method", "path", "query", "headers", "body",
+                           "body_bytes", "status", "error_code", "error", "request_id", "op_id",
+                           "event_id", "channel_id", "fault", "note", "duration_ms"]
+    data = json.loads(payload)["data"]
+    assert (entry["method"], entry["path"], entry["query"], entry["status"]) == (
+        "POST", eg.CREATE, "debug=1", 200)
+    assert entry["headers"] == {"content-type": "application/json",
+                                "authorization": "Bearer ***"}
+    assert entry["body"] == dict(body, password="***")
+    assert entry["body_bytes"] == len(json.dumps(body).encode())
+    assert (entry["op_id"], entry["event_id"], entry["channel_id"]) == (
+        "op-j", data["event_id"], CHANNEL)
+    assert entry["request_id"] == dict(answer_headers)["X-Request-Id"]
+    assert entry["received_at"] == 1800000001000 and isinstance(entry["seq"], int)
+    assert (entry["error_code"], entry["error"], entry["fault"], entry["note"]) == (
+        None, None, None, None)
+    assert entry["duration_ms"] >= 0
+
+
+@LOCAL_ONLY
+def test_journal_of_a_refusal_and_a_wrong_password(gw):
+    import io
+    gw.log = io.StringIO()
+    wrong_answer = post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass-1"))
+    post(gw, eg.CREATE, valid_body(eg.CREATE, tags=5))
+    wrong, refused = gw.requests()
+    assert (wrong["status"], wrong["error_code"]) == (404, "channel_not_found")
+    assert wrong["note"] == "the channel exists; the password differs"
+    assert (refused["error_code"], refused["note"]) == ("invalid_tags", None)
+    assert refused["error"] == "tags must be an array of strings"
+    assert "password differs" in gw.log.getvalue()
+    assert "wrong-pass-1" not in gw.log.getvalue() + json.dumps(gw.requests())
+    unknown = post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=crockford(5)))
+    assert gw.requests()[-1]["note"] is None
+    assert unknown[2] == wrong_answer[2]            # the answer is no oracle: only the note says
+
+
+@LOCAL_ONLY
+def test_journal_filters_and_seq(gw):
+    create(gw)
+    post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=OTHER_CHANNEL, password="other-pass"))
+    post(gw, eg.UPDATE, {})
+    call(gw, "GET", "/healthz")
+    seqs = [entry["seq"] for entry in gw.requests()]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert [e["path"] for e in gw.requests(path=eg.UPDATE)] == [eg.UPDATE]
+    assert [e["status"] for e in gw.requests(status=400)] == [400]
+    assert len(gw.requests(error_code="channel_id_required")) == 1
+    assert len(gw.requests(channel_id=OTHER_CHANNEL.lower())) == 1
+    assert [e["seq"] for e in gw.requests(after=seqs[1])] == seqs[2:]
+    status, _, envelope = call(gw, "GET", "/__admin/requests?status=200&after=%d" % seqs[0])
+    assert [e["seq"] for e in envelope["data"]["requests"]] == [seqs[1], seqs[3]]
+    assert call(gw, "DELETE", "/__admin/requests")[2]["data"] == {"deleted": 4}
+    call(gw, "GET", "/healthz")
+    assert gw.requests()[0]["seq"] == seqs[-1] + 1          # seq never restarts
+    gw.reset()
+    call(gw, "GET", "/healthz")
+    assert gw.requests()[0]["seq"] == seqs[-1] + 2
+
+
+@pytest.mark.parametrize("query", [
+    pytest.param("state=open", id="unknown-parameter"),
+    pytest.param("status=abc", id="status-not-a-number"),
+    pytest.param("status=99", id="status-99"),
+    pytest.param("after=-1", id="after-negative"),
+    pytest.param("channel_id=nope", id="channel-not-an-id"),
+    pytest.param("wait_ms=30001", id="wait-30001"),
+    pytest.param("wait_ms=1.5", id="wait-fraction"),
+    pytest.param("count=0", id="count-0"),
+    pytest.param("count=1001", id="count-1001"),
+])
+def test_journal_bad_filter(gw, query):
+    assert_error(call(gw, "GET", "/__admin/requests?" + query), 400, "invalid_filter")
+
+
+@LOCAL_ONLY
+def test_python_filters_run_the_http_checks(gw):
+    create(gw)
+    assert len(gw.events(channel_id=CHANNEL.lower())) == 1
+    assert len(gw.events(channel_id=ALIASED_CHANNEL)) == 1
+    with pytest.raises(eg.GatewayError) as raised:
+        gw.events(state="open")
+    assert raised.value.code == "invalid_filter"
+    with pytest.raises(eg.GatewayError):
+        gw.requests(status="x")
+
+
+@LOCAL_ONLY
+def test_journal_skips_admin_page_and_icon_and_is_bounded():
+    gateway = eg.EventGateway(max_requests=3)
+    for path in ("/__admin/events", "/", "/favicon.ico", "/__admin/faults"):
+        gateway.handle("GET", path, {}, None)
+    assert gateway.requests() == []
+    for _ in range(5):
+        gateway.handle("GET", "/healthz", {}, None)
+    assert [e["seq"] for e in gateway.requests()] == [3, 4, 5]
+    off = eg.EventGateway(max_requests=0)
+    off.handle("GET", "/healthz", {}, None)
+    assert off.requests() == []
+
+
+@LOCAL_ONLY
+def test_no_password_in_the_journal_however_broken_the_body():
+    import io
+    import random
+    rng = random.Random(20261202)
+    log = io.StringIO()
+    gw = eg.EventGateway(token="journal-t0ken", log=log)
+    auth = {"Authorization": "Bearer journal-t0ken"}
+    bodies = [json.dumps(valid_body(eg.CREATE)).encode().replace(b'"password"', b'"pass\\u0077ord"'),
+              json.dumps(valid_body(eg.CREATE)).encode().replace(b'"password"', b'"PASSWORD"')]
+    for _ in range(1500):
+        headers, data = mutate(rng, rng.choice(eg.EVENT_ROUTES), "e-1")
+        bodies.append(data)
+    for data in bodies:
+        gw.handle("POST", rng.choice(eg.EVENT_ROUTES), dict(JSON_HEADERS, **auth), data)
+    seen = json.dumps(gw.requests()) + log.getvalue()
+    seen += gw.handle("GET", "/__admin/requests", auth, None)[2].decode()
+    assert PASSWORD not in seen and "journal-t0ken" not in seen
+    assert any(entry["body"] for entry in gw.requests())      # parsed bodies are shown
+    assert gw.internal_errors == []
+
+
+# Waits ###############################################################################
+
+def in_thread(target):
+    """Run target() on a thread; returns a function that joins it and gives its result."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", target()))
+    thread.start()
+
+    def join():
+        thread.join(10)
+        assert not thread.is_alive()
+        return result["value"]
+    return join
+
+
+@LOCAL_ONLY
+def test_wait_for_events_returns_once_enough_arrive(gw):
+    waiting = in_thread(lambda: gw.wait_for_events(count=2, timeout=20))
+    create(gw)
+    create(gw)
+    assert len(waiting()) == 2
+
+
+@LOCAL_ONLY
+def test_http_wait_answers_when_the_request_arrives(gw):
+    seq = gw.journal.version
+    waiting = in_thread(lambda: call(gw, "GET", "/__admin/requests?after=%d&wait_ms=20000" % seq))
+    create(gw)
+    status, _, envelope = waiting()
+    assert status == 200 and [e["path"] for e in envelope["data"]["requests"]] == [eg.CREATE]
+
+
+@LOCAL_ONLY
+def test_wait_times_out_with_what_there_is(gw):
+    create(gw)
+    status, _, envelope = call(gw, "GET", "/__admin/events?count=2&wait_ms=1")
+    assert status == 200 and len(envelope["data"]["events"]) == 1
+    with pytest.raises(AssertionError) as raised:
+        gw.wait_for_events(count=2, timeout=0.01, state="ongoing")
+    assert "Database lag" in str(raised.value) and "state=ongoing" in str(raised.value)
+    with pytest.raises(AssertionError) as raised:
+        gw.wait_for_requests(path=eg.CLOSE, timeout=0.01)
+    assert "POST /event/create 200" in str(raised.value)
+
+
+@LOCAL_ONLY
+def test_waits_end_when_the_gateway_stops(gw):
+    waiting = in_thread(lambda: gw._wait(gw.store, gw.store.matching, 5, 30))
+    gw.stop_waiting()
+    assert waiting() == []
+
+
+# Reset ###############################################################################
+
+@LOCAL_ONLY
+def test_reset_puts_everything_back_to_start_up(gw):
+    create(gw)
+    gw.register_channel(crockford(31), "password-31")
+    gw.add_fault(eg.UPDATE, 503, count=2)
+    gw.internal_errors.append("x")
+    status, _, envelope = call(gw, "POST", "/__admin/reset", None, headers={})
+    assert status == 200 and envelope["data"] == {"events": 1, "requests": 1, "faults": 2}
+    assert gw.events() == [] and gw.requests() == [] and gw.faults() == []
+    assert gw.internal_errors == [] and crockford(31) not in gw.channel_ids()
+    assert gw.channel_ids() == [CHANNEL]             # the constructor's: the fixture's went too
+    assert call(gw, "POST", "/__admin/reset", b"ignored", headers={})[0] == 200
+
+
+def test_reset_keeps_channels_registered_at_start_up():
+    gateway = eg.EventGateway(channels={crockford(9): "password-9"})
+    gateway.register_channel(crockford(10), "password-10")
+    gateway.reset()
+    assert gateway.channel_ids() == [crockford(9)]
+
+
+# Faults: lost answers, drops, slowness, chance #######################################
+
+@LOCAL_ONLY
+def test_lost_answer_then_retry_with_the_same_op_id(gw):
+    gw.add_fault(eg.CREATE, 503, when="after")
+    body = json.dumps(valid_body(eg.CREATE, op_id="op-lost")).encode()
+    first = gw.handle("POST", eg.CREATE, JSON_HEADERS, body)
+    assert first[0] == 503 and len(gw.events()) == 1         # applied, answer lost
+    retry = gw.handle("POST", eg.CREATE, JSON_HEADERS, body)
+    again = gw.handle("POST", eg.CREATE, JSON_HEADERS, body)
+    assert retry[0] == 200 and retry[2] == again[2] and len(gw.events()) == 1
+    lost, *_ = gw.requests()
+    assert lost["status"] == 503 and lost["fault"]["when"] == "after"
+    assert lost["op_id"] == "op-lost" and lost["event_id"] == gw.events()[0]["event_id"]
+
+
+@LOCAL_ONLY
+def test_drop_in_the_core_is_a_none_status(gw):
+    gw.add_fault("*", kind="drop")
+    assert gw.handle("POST", eg.CREATE, JSON_HEADERS, b"{}") == (None, [], b"")
+    entry = gw.requests()[0]
+    assert entry["status"] is None and entry["fault"]["kind"] == "drop"
+    gw.add_fault("*", kind="drop", when="after")
+    assert gw.handle("POST", eg.CREATE, JSON_HEADERS,
+                     json.dumps(valid_body(eg.CREATE)).encode())[0] is None
+    assert len(gw.events()) == 1
+
+
+@LOCAL_ONLY
+def test_slow_fault_delays_then_handles(gw):
+    gw.add_fault(eg.CREATE, kind="slow", delay_ms=50)
+    started = time.monotonic()
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
+    assert time.monotonic() - started >= 0.05                 # a lower bound: no load can break it
+    assert gw.requests()[0]["fault"]["kind"] == "slow"
+
+
+@LOCAL_ONLY
+def test_retry_after_and_message_of_a_fault(gw):
+    gw.add_fault(eg.CREATE, 429, retry_after_s=7)
+    status, headers, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE))
+    assert (status, headers["retry-after"]) == (429, "7")
+    assert "HTTP" not in envelope["error"] and "fault" in envelope["error"]
+
+
+def strikes(seed):
+    gateway = eg.EventGateway(seed=seed)
+    gateway.add_fault("*", 503, count=1000, probability=0.5)
+    return [gateway.handle("POST", eg.UPDATE, JSON_HEADERS, b"{}")[0] for _ in range(40)]
+
+
+def test_same_seed_gives_the_same_strikes():
+    assert strikes(7) == strikes(7)
+    assert strikes(7) != strikes(8)
+    assert {503, 400} == set(strikes(7))
+
+
+# Messages that help the person fixing a client #######################################
+
+@pytest.mark.parametrize("headers, words", [
+    pytest.param({}, ["sent none", "application/json"], id="missing"),
+    pytest.param({"Content-Type": "text/plain"}, ["`text/plain`", "application/json"],
+                 id="wrong"),
+])
+def test_content_type_message_names_what_arrived(gw, headers, words):
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE), headers=dict(headers, **AUTH_HEADERS)),
+                 400, "missing_json_content_type", *words)
+
+
+def test_json_syntax_error_gives_line_and_column(gw):
+    assert_error(post(gw, eg.CREATE, b'{\n  "title": "x",,\n}'), 400, "invalid_json_syntax",
+                 "line 2, column")
+
+
+def test_unknown_fields_are_all_listed_with_hints(gw):
+    body = valid_body(eg.CREATE, eventTime=1, zzz=2, Severity="high")
+    assert_error(post(gw, eg.CREATE, body), 400, "invalid_json_data",
+                 "unknown fields `Severity` (did you mean `severity`?), `eventTime` (did you mean "
+                 "`event_time`?), `zzz`")
+
+
+# HTTP shell #################################################################
 
 @pytest.fixture(scope="module")
 def server():
@@ -1871,7 +2456,158 @@ def test_serve_in_thread_stops_when_the_block_raises():
         connect(url, timeout=1).close()
 
 
-# SPEC §9 Command line ################################################################
+def test_broken_http_is_journaled_with_what_could_be_read(live):
+    with connect(live.url) as sock:
+        sock.sendall(b"POST /event/create HTTP/1.1\r\nBad Header\r\n\r\n")
+        assert read_response(sock)[0] == 400
+    with connect(live.url) as sock:
+        sock.sendall(b"garbage\r\n\r\n")
+        assert read_response(sock)[0] == 400
+    if REMOTE_URL:
+        return
+    first, second = live.gateway.requests()
+    assert (first["method"], first["path"], first["error_code"]) == ("POST", eg.CREATE,
+                                                                     "bad_request")
+    assert (second["method"], second["path"]) == ("", "")
+
+
+@LOCAL_ONLY
+def test_drop_over_a_real_socket_reads_zero_bytes(live):
+    live.gateway.add_fault(eg.CREATE, kind="drop")
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, len(CREATE_BYTES)) + CREATE_BYTES)
+        assert sock.recv(65536) == b""
+    assert live.gateway.requests()[0]["status"] is None
+
+
+@LOCAL_ONLY
+def test_serve_in_thread_closes_keep_alive_connections_on_exit():
+    with eg.serve_in_thread() as served:
+        conn = http.client.HTTPConnection(*address(served.url), timeout=5)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        conn.request("GET", "/healthz")
+        conn.getresponse()
+    conn.close()
+
+
+@pytest.mark.parametrize("header", [
+    pytest.param(b"Transfer-Encoding: \x0bchunked", id="vertical-tab-before-chunked"),
+    pytest.param(b"Transfer-Encoding: chunked\x0c", id="form-feed-after-chunked"),
+    pytest.param(b"Transfer-Encoding: \xa0chunked", id="nbsp-before-chunked"),
+    pytest.param(b"Content-Length: \x1f5", id="unit-separator-in-length"),
+    pytest.param(b"Content-Length: \x855", id="nel-in-length"),
+])
+def test_only_space_and_tab_are_optional_whitespace(live, header):
+    with connect(live.url) as sock:
+        sock.sendall(b"POST /event/create HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     + header + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert (status, envelope_code(body)) == (400, "bad_request")
+
+
+def test_tab_around_a_header_value_is_optional_whitespace(live):
+    with connect(live.url) as sock:
+        sock.sendall(b"POST /event/create HTTP/1.1\r\nHost: t\r\nContent-Type:\tapplication/json \t\r\n"
+                     b"Content-Length: \t%d\t\r\n\r\n" % len(CREATE_BYTES) + CREATE_BYTES)
+        assert read_response(sock)[0] == 200
+
+
+def test_content_length_of_5000_digits_is_413(live, capfd):
+    with connect(live.url) as sock:
+        sock.sendall(request_head("POST", eg.CREATE, extra=["Content-Length: " + "9" * 5000]))
+        status, _, body = read_response(sock)
+    assert (status, envelope_code(body)) == (413, "payload_too_large")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@LOCAL_ONLY
+def test_accept_backs_off_when_out_of_descriptors(monkeypatch):
+    import errno
+    server = eg.make_server(eg.EventGateway(), port=0)
+    calls = []
+    enough = threading.Event()
+
+    def accept():
+        calls.append(time.monotonic())
+        if len(calls) >= 3:
+            enough.set()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(server.socket, "accept", accept)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    pending = socket.create_connection(server.server_address[:2])   # keeps the socket readable
+    try:
+        assert enough.wait(10)
+    finally:
+        server.shutdown()
+        server.close_connections()
+        thread.join(10)
+        pending.close()
+        server.server_close()
+    # A lower bound, which no loaded machine can break: without the back-off the
+    # three calls come within microseconds of each other.
+    assert calls[2] - calls[0] >= 2 * eg.ACCEPT_BACKOFF_S * 0.9
+
+
+# The live page #######################################################################
+
+def test_page_answers_html_with_its_csp(gw_auth):
+    status, headers, body = gw_auth.handle("GET", "/", {}, None)      # no token needed
+    headers = dict(headers)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert body == eg.PAGE_BYTES and b"<title>" in body
+    csp = headers["Content-Security-Policy"]
+    assert "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    head = gw_auth.handle("HEAD", "/", {}, None)
+    assert head[0] == 200 and head[2] == b"" and dict(head[1])["Content-Length"] == str(len(body))
+    assert gw_auth.handle("GET", "/favicon.ico", {}, None)[:3:2] == (204, b"")
+    assert gw_auth.handle("GET", "/__admin/requests", {}, None)[0] == 401    # data needs it
+
+
+def page_part(tag):
+    return eg.PAGE_HTML.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
+
+
+def test_page_csp_hashes_match_its_inline_script_and_style():
+    import base64
+    import hashlib
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        digest = base64.b64encode(hashlib.sha256(page_part(tag).encode()).digest()).decode()
+        assert "%s 'sha256-%s'" % (directive, digest) in eg.PAGE_CSP
+    assert eg.PAGE_HTML.count("<script") == 1 and eg.PAGE_HTML.count("<style") == 1
+
+
+def test_page_uses_only_the_gateways_routes_and_no_other_host():
+    script = page_part("script")
+    paths = set(re.findall(r'"(/[^"?]*)', script))
+    assert paths >= {"/__admin/requests", "/__admin/events", "/__admin/reset", "/__admin/faults"}
+    for path in paths:
+        assert path in eg.ROUTES or path.startswith("/event/"), path
+    assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]|\bsrc=|\bhref=|@import|url\(",
+                         eg.PAGE_HTML, re.I)
+
+
+def test_page_never_parses_data_as_html():
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in eg.PAGE_HTML, sink
+
+
+@LOCAL_ONLY
+def test_opening_the_page_leaves_the_journal_empty(live):
+    for path in ("/", "/favicon.ico"):
+        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        assert response.status in (200, 204)
+    assert live.gateway.requests() == []
+
+
+# Command line ################################################################
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_gateway.py")
 
@@ -1948,6 +2684,169 @@ def test_cli_port_in_use_says_what_to_do(live):
                             text=True, timeout=20)
     assert result.returncode == 1
     assert "cannot listen" in result.stderr and "--port 0" in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["--port", "65536"], ["--port", "from 0 to 65535"], id="port-65536"),
+    pytest.param(["--port", "-1"], ["--port", "from 0 to 65535"], id="port-minus-1"),
+    pytest.param(["--port", "http"], ["--port", "whole number"], id="port-word"),
+    pytest.param(["--idle-timeout", "0"], ["--idle-timeout", "above 0"], id="idle-0"),
+    pytest.param(["--idle-timeout", "inf"], ["--idle-timeout"], id="idle-inf"),
+    pytest.param(["--idle-timeout", "nan"], ["--idle-timeout"], id="idle-nan"),
+    pytest.param(["--idle-timeout", "1e10"], ["--idle-timeout", "3600"], id="idle-1e10"),
+    pytest.param(["--idle-timeout", "3601"], ["--idle-timeout", "3600"], id="idle-3601"),
+    pytest.param(["--max-history", "1"], ["--max-history", "at least 2"], id="history-1"),
+    pytest.param(["--max-requests", "-1"], ["--max-requests", "at least 0"], id="requests-minus-1"),
+    pytest.param(["--seed", "x"], ["--seed", "whole number"], id="seed-word"),
+])
+@LOCAL_ONLY
+def test_cli_bad_values_are_one_line_usage_errors(args, words):
+    result = subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@LOCAL_ONLY
+def test_cli_last_passing_values():
+    parser = eg.build_parser()
+    args = parser.parse_args(["--port", "65535", "--idle-timeout", "3600", "--max-history", "2",
+                              "--max-requests", "0", "--max-events", "1"])
+    assert (args.port, args.idle_timeout, args.max_history, args.max_requests) == (
+        65535, 3600.0, 2, 0)
+    assert parser.parse_args(["--port", "0", "--idle-timeout", "0.001"]).idle_timeout == 0.001
+
+
+@LOCAL_ONLY
+def test_cli_host_that_does_not_resolve_says_so():
+    result = subprocess.run([sys.executable, SCRIPT, "--host", "no-such-host.invalid"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "does not resolve" in result.stderr
+    assert "--port" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@LOCAL_ONLY
+def test_cli_help_examples_copy_and_paste():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                            timeout=20)
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "python event_gateway.py --port 0 --quiet" in lines
+    assert "--max-history" in result.stdout and "--max-requests" in result.stdout
+    assert "--seed" in result.stdout
+
+
+@LOCAL_ONLY
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="reads /proc (Linux)")
+def test_cli_raises_its_soft_descriptor_limit():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 64:
+        pytest.skip("the hard limit here is too low to see a raise")
+    process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                     (64, hard)))
+    try:
+        assert "listening" in process.stdout.readline()
+        with open("/proc/%d/limits" % process.pid) as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        assert int(line.split()[3]) > 64
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+@LOCAL_ONLY
+def test_cli_runs_without_gc_freeze(monkeypatch):
+    # PyPy has no gc.freeze() nor gc.set_threshold(): main() must not need them.
+    import gc
+    for name in ("freeze", "set_threshold"):
+        if hasattr(gc, name):
+            monkeypatch.delattr(gc, name)
+    eg._calm_garbage_collector()
+
+
+# Conformance mode ####################################################################
+
+def run_conformance(url, token=None):
+    env = dict(os.environ, EVENT_GATEWAY_URL=url)
+    env.pop("EVENT_GATEWAY_TOKEN", None)
+    if token:
+        env["EVENT_GATEWAY_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k", "healthz"],
+                          capture_output=True, text=True, timeout=60, env=env,
+                          cwd=os.path.dirname(SCRIPT))
+
+
+@LOCAL_ONLY
+def test_conformance_mode_says_once_when_the_server_does_not_answer():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = run_conformance("http://127.0.0.1:%d" % port)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and output.count("does not answer") == 1, output
+    assert "passed" not in output
+
+
+@LOCAL_ONLY
+def test_conformance_mode_says_once_that_a_token_is_needed():
+    with eg.serve_in_thread(eg.EventGateway(token="conformance-t0ken")) as served:
+        result = run_conformance(served.url)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and output.count("EVENT_GATEWAY_TOKEN") == 1, output
+        assert run_conformance(served.url, "conformance-t0ken").returncode == 0
+
+
+# The README's examples ###############################################################
+
+README = os.path.join(os.path.dirname(SCRIPT), "README.md")
+
+
+def readme_files():
+    """The README's Python blocks that begin with "# NAME.py", as {NAME.py: text}."""
+    text = open(README, encoding="utf-8").read()
+    files = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        match = re.match(r"# (\w+\.py)\b", block)
+        if match:
+            files[match.group(1)] = block
+    return files
+
+
+def run_readme_tests(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "event_gateway.py").write_bytes(open(SCRIPT, "rb").read())
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+
+
+@LOCAL_ONLY
+def test_readme_examples_pass_as_written(tmp_path):
+    files = readme_files()
+    assert {"pushgo_client.py", "conftest.py", "test_my_client.py"} <= set(files)
+    result = run_readme_tests(tmp_path, files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b5 passed\b", result.stdout), result.stdout
+
+
+@LOCAL_ONLY
+def test_readme_examples_fail_a_client_that_changes_its_op_id_on_retry(tmp_path):
+    files = readme_files()
+    marker = "        for attempt in range(self.retries + 1):\n"
+    assert marker in files["pushgo_client.py"]
+    files["pushgo_client.py"] = files["pushgo_client.py"].replace(
+        marker, marker + '            body["op_id"] = uuid.uuid4().hex     # the bug\n')
+    result = run_readme_tests(tmp_path, files)
+    assert result.returncode == 1
+    failed = set(re.findall(r"FAILED test_my_client.py::(\w+)", result.stdout))
+    assert failed == {"test_client_retries_a_503_with_the_same_op_id",
+                      "test_client_survives_a_lost_answer"}, result.stdout
 
 
 @LOCAL_ONLY
