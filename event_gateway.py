@@ -2374,8 +2374,15 @@ def _idle_timeout(text):
     return seconds
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad option value is one line on stderr and exit status 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="event_gateway.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A local PushGo Event API gateway for testing clients: POST /event/create, "

@@ -40,28 +40,35 @@ LOCAL_ONLY = pytest.mark.skipif(
 
 
 
-def _check_remote(url, token):
-    """In conformance mode, one clear error and exit when the server does not answer
-    or wants a token that was not given, rather than hundreds of failing tests."""
+def _remote_problem(url, token):
+    """In conformance mode, one clear line and exit when the server does not answer
+    or wants a token that was not given, rather than hundreds of failing tests.
+    Returns the problem in one sentence, or None."""
     host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
     conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
+    problem = None
     try:
         conn.request("GET", "/__admin/events", headers={
             "Authorization": "Bearer " + token} if token else {})
-        status = conn.getresponse().status
+        if conn.getresponse().status == 401:
+            problem = ("the server at %s wants a gateway token: set EVENT_GATEWAY_TOKEN to it"
+                       % url if not token else "the server at %s refuses the gateway token "
+                       "given in EVENT_GATEWAY_TOKEN" % url)
     except OSError as error:
-        pytest.exit("EVENT_GATEWAY_URL=%s does not answer (%s); start the server first, for "
-                    "example: python event_gateway.py --quiet &" % (url, error), returncode=3)
+        problem = ("EVENT_GATEWAY_URL=%s does not answer (%s); start the server first, for "
+                   "example: python event_gateway.py --quiet &" % (url, error))
     finally:
         conn.close()
-    if status == 401:
-        pytest.exit("the server at %s wants a gateway token; set EVENT_GATEWAY_TOKEN to it"
-                    % url if not token else "the server at %s refuses the token given in "
-                    "EVENT_GATEWAY_TOKEN" % url, returncode=3)
+    return problem
 
 
-if REMOTE_URL:
-    _check_remote(REMOTE_URL, REMOTE_TOKEN)
+@pytest.fixture(scope="session", autouse=True)
+def remote_answers():
+    """Conformance mode: stop the whole run at once, with one line, when the server
+    cannot be tested."""
+    problem = REMOTE_URL and _remote_problem(REMOTE_URL, REMOTE_TOKEN)
+    if problem:
+        pytest.exit("conformance mode: " + problem, returncode=3)
 
 CHANNEL = eg.EXAMPLE_CHANNEL_ID
 PASSWORD = eg.EXAMPLE_CHANNEL_PASSWORD
@@ -2529,16 +2536,28 @@ def test_accept_backs_off_when_out_of_descriptors(monkeypatch):
     calls = []
     enough = threading.Event()
 
-    def accept():
-        calls.append(time.monotonic())
-        if len(calls) >= 3:
-            enough.set()
-        raise OSError(errno.EMFILE, "Too many open files")
+    class OutOfDescriptors:
+        """The listening socket as a process out of descriptors sees it."""
 
-    monkeypatch.setattr(server.socket, "accept", accept)
+        def __init__(self, real):
+            self.real = real
+
+        def fileno(self):
+            return self.real.fileno()
+
+        def close(self):
+            self.real.close()
+
+        def accept(self):
+            calls.append(time.monotonic())
+            if len(calls) >= 3:
+                enough.set()
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(server, "socket", OutOfDescriptors(server.socket))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
     thread.start()
-    pending = socket.create_connection(server.server_address[:2])   # keeps the socket readable
+    pending = socket.create_connection(server.server_address[:2])    # keeps it readable
     try:
         assert enough.wait(10)
     finally:
