@@ -120,6 +120,9 @@ MAX_HEADER_LINES = 100        # most header lines in one request (the stdlib's l
 MAX_HEAD_BYTES = 131072       # all header lines of one request together (431), so that the
                               # journal's worst case is bounded (README, "Limits")
 MAX_LOG_LINE_CHARS = 400      # one request's log line is cut to this length
+# Chrome and Firefox refuse to load pages from these ports (ERR_UNSAFE_PORT), prod's
+# default 6666 among them (IRC's ports): the start-up line says so, for the live page.
+BROWSER_REFUSED_PORTS = frozenset({6000, 6566, 6665, 6666, 6667, 6668, 6669, 6697})
 OWS = " \t"                   # the only optional whitespace of HTTP (RFC 9110 5.6.3)
 
 # With no --channel, the public page's example channel, so that its curl example works.
@@ -932,19 +935,51 @@ def _event_view(record):
 _GENERATED_OP = ("generated", None)
 
 
+class _Signal:
+    """A change counter that waits can sleep on: notify() after each change; a
+    waiter holds no lock but this one's own, and only while it sleeps.
+
+    notify() costs one lock round trip while nobody waits (Condition.notify_all
+    alone costs more than that, in Python code, on every request)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.condition = threading.Condition(self.lock)
+        self.version = 0            # changes so far, under the lock
+        self.waiting = 0            # sleeping waiters, under the lock
+
+    def notify(self):
+        with self.lock:
+            self.version += 1
+            if self.waiting:
+                self.condition.notify_all()
+
+    def wake_all(self):
+        with self.lock:
+            self.condition.notify_all()
+
+    def sleep(self, version, timeout_s):
+        """Sleep until the version moves past version, a wake_all() or timeout_s."""
+        with self.lock:
+            if self.version == version:
+                self.waiting += 1
+                try:
+                    self.condition.wait(timeout_s)
+                finally:
+                    self.waiting -= 1
+
+
 class EventStore:
     """The in-memory events, their op_id records and capacity (the rules above).
 
-    changed is a condition notified after every change, for waits: a waiter
-    holds no lock but the condition's own while it sleeps.
+    changed is notified after every change, for waits.
     """
 
     def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY):
         self.max_events = max_events
         self.max_history = max_history
         self.lock = threading.Lock()
-        self.changed = threading.Condition(threading.Lock())
-        self.version = 0                           # counts changes, under changed's lock
+        self.changed = _Signal()
         self._events = {}                          # event_id -> packed event, oldest first
         self._closed = collections.OrderedDict()   # event_id -> None, closed longest ago first
         self._ops = {}                             # channel_id -> {op_id: (digest, body)}
@@ -1000,7 +1035,7 @@ class EventStore:
             body = _dispatch_body(channel_id, op_id, event["event_id"], event["thing_id"])
             ops[op_id] = _GENERATED_OP if digest is None else (digest, body)
             self._events[event["event_id"]] = _pack(event)
-        self._notify()
+        self.changed.notify()
         return body, op_id, event["event_id"]
 
     def _append(self, event, dispatch, ops):
@@ -1015,11 +1050,6 @@ class EventStore:
             del history[1]
             ops.pop(dropped[1], None)
             event["history_dropped"] += 1
-
-    def _notify(self):
-        with self.changed:
-            self.version += 1
-            self.changed.notify_all()
 
     def _open_event(self, channel_id, event_id, thing_id):
         record = self._events.get(event_id)
@@ -1057,7 +1087,7 @@ class EventStore:
             self._events.clear()
             self._closed.clear()
             self._ops.clear()
-        self._notify()
+        self.changed.notify()
         return count
 
     def get(self, event_id):
@@ -1150,30 +1180,33 @@ def _request_view(entry):
     view["headers"] = _masked_headers(view["headers"])
     view["body"] = _masked_body(view["body"])
     view["fault"] = None if view["fault"] is None else view["fault"]._asdict()
+    view["duration_ms"] = round(view["duration_ms"], 3)
     return view
 
 
 class RequestJournal:
     """The last max_requests answered requests, oldest first (the rules above).
 
-    changed is a condition notified after every record, for waits; its lock
-    is the journal's own, held only to append or copy the entries."""
+    changed is notified after every record, for waits; its version is the
+    last seq given (never reset), and its lock the journal's own, held only to
+    append or copy the entries."""
 
     def __init__(self, max_requests=DEFAULT_MAX_REQUESTS):
         self.max_requests = max_requests
-        self.changed = threading.Condition(threading.Lock())
-        self.version = 0                     # the last seq given, never reset
+        self.changed = _Signal()
         self._entries = collections.deque(maxlen=max_requests)
 
     def record(self, *fields):
         """Append one entry (the fields of JOURNAL_KEYS after seq)."""
-        with self.changed:
-            self.version += 1
-            self._entries.append((self.version,) + fields)
-            self.changed.notify_all()
+        changed = self.changed
+        with changed.lock:
+            changed.version += 1
+            self._entries.append((changed.version,) + fields)
+            if changed.waiting:
+                changed.condition.notify_all()
 
     def matching(self, path=None, status=None, error_code=None, channel_id=None, after=None):
-        with self.changed:
+        with self.changed.lock:
             entries = list(self._entries)
         return [entry for entry in entries
                 if (path is None or entry[_J_PATH] == path)
@@ -1183,7 +1216,7 @@ class RequestJournal:
                 and (after is None or entry[_SEQ] > after)]
 
     def clear(self):
-        with self.changed:
+        with self.changed.lock:
             count = len(self._entries)
             self._entries.clear()
             return count
@@ -1508,23 +1541,19 @@ class EventGateway:
             return
         self._stopping.set()
         for source in (self.store, self.journal):
-            with source.changed:
-                source.changed.notify_all()
+            source.changed.wake_all()
 
     def _wait(self, source, select, count, timeout_s):
         """select() until it finds count items, source changes having woken us, or
         timeout_s passes; holds no lock while it sleeps."""
         deadline = time.monotonic() + timeout_s
         while True:
-            with source.changed:
-                version = source.version
+            version = source.changed.version
             found = select()
             remaining = deadline - time.monotonic()
             if len(found) >= count or remaining <= 0 or self._stopping.is_set():
                 return found
-            with source.changed:
-                if source.version == version:
-                    source.changed.wait(remaining)
+            source.changed.sleep(version, remaining)
 
     # -- one request -----------------------------------------------------------------
 
@@ -1604,7 +1633,7 @@ class EventGateway:
                 status, extra, code, message = error.status, error.headers, error.code, error.message
                 payload = _error_body(code, message)
         request_id = _new_hex_id()
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        duration_ms = (time.perf_counter() - started) * 1000
         path = request.path
         if self.journal.max_requests and not (path in UNJOURNALED_PATHS
                                                or path.startswith(ADMIN_PREFIX)):
@@ -2501,9 +2530,12 @@ def main(argv=None):
     _raise_descriptor_limit()
     _calm_garbage_collector()
     if not args.quiet or args.port == 0:
-        print("event_gateway: listening on %s (auth %s; channels: %s); open it in a browser "
-              "to watch; Ctrl-C to stop" % (server.url, "on" if token else "off",
-                                            ", ".join(gateway.channel_ids())), flush=True)
+        page = ("open it in a browser to watch" if server.server_port not in BROWSER_REFUSED_PORTS
+                else "browsers refuse port %d, so for the live page start with --port 8666"
+                % server.server_port)
+        print("event_gateway: listening on %s (auth %s; channels: %s); %s; Ctrl-C to stop"
+              % (server.url, "on" if token else "off", ", ".join(gateway.channel_ids()), page),
+              flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:
@@ -2536,6 +2568,7 @@ PAGE_HTML = r"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>PushGo event gateway</title>
 <style>
+[hidden] { display: none !important; }
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2430; background: #f4f5f7; }
 header { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; padding: 10px 16px;
          background: #1d2430; color: #fff; }
@@ -2547,7 +2580,10 @@ main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap:
 section { background: #fff; border-radius: 6px; padding: 8px 12px; min-width: 0; }
 h2 { font-size: 15px; margin: 4px 0 8px; }
 table { width: 100%; border-collapse: collapse; }
-td { padding: 3px 6px; border-top: 1px solid #e3e5e8; vertical-align: top; word-break: break-word; }
+th { text-align: left; font-size: 12px; color: #68707d; padding: 3px 6px; }
+td { padding: 3px 6px; border-top: 1px solid #e3e5e8; vertical-align: top; white-space: nowrap; }
+td.text { white-space: normal; word-break: break-word; width: 100%; }
+input[type=number] { width: 5em; }
 tr.entry { cursor: pointer; }
 tr.bad td { color: #b71c1c; background: #fdecea; }
 tr.faulted td { color: #8e24aa; background: #f6e9f8; }
@@ -2581,7 +2617,10 @@ form { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
 <main id="panes" hidden>
   <section>
     <h2>Requests, newest first</h2>
-    <table><tbody id="journal"></tbody></table>
+    <table>
+      <thead><tr><th>time (UTC)</th><th>method</th><th>path</th><th>status</th><th>error code</th><th>message</th></tr></thead>
+      <tbody id="journal"></tbody>
+    </table>
   </section>
   <section>
     <h2>Faults</h2>
@@ -2591,8 +2630,8 @@ form { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
       <select id="f-kind"><option>status</option><option>drop</option><option>slow</option></select>
       <select id="f-status"><option>503</option><option>500</option><option>429</option><option>401</option></select>
       <select id="f-when"><option>before</option><option>after</option></select>
-      <input id="f-count" type="number" min="1" value="1" size="4" title="count">
-      <input id="f-delay" type="number" min="0" value="0" size="6" title="delay_ms">
+      <label>count <input id="f-count" type="number" min="1" value="1"></label>
+      <label>delay ms <input id="f-delay" type="number" min="0" value="0"></label>
       <button type="submit">Queue</button>
       <button id="f-clear" type="button">Clear faults</button>
     </form>
@@ -2645,9 +2684,10 @@ function showJournal() {
     else if (entry.status === null || entry.status >= 400) row.classList.add("bad");
     const status = entry.status === null ? "dropped" : entry.status;
     for (const text of [clock(entry.received_at), entry.method, entry.path, status,
-                        entry.error_code || "", entry.error || entry.note || ""]) {
+                        entry.error_code || ""]) {
       row.append(el("td", text));
     }
+    row.append(el("td", [entry.error, entry.note].filter(Boolean).join(" · "), "text"));
     row.addEventListener("click", () => {
       if (opened.has(entry.seq)) opened.delete(entry.seq); else opened.add(entry.seq);
       showJournal();

@@ -1883,7 +1883,7 @@ def test_wait_for_events_returns_once_enough_arrive(gw):
 
 @LOCAL_ONLY
 def test_http_wait_answers_when_the_request_arrives(gw):
-    seq = gw.journal.version
+    seq = gw.journal.changed.version
     waiting = in_thread(lambda: call(gw, "GET", "/__admin/requests?after=%d&wait_ms=20000" % seq))
     create(gw)
     status, _, envelope = waiting()
