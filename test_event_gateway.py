@@ -335,6 +335,8 @@ BODY_ORDER_CASES = [
                  "event_id", id="event-id-null-is-forbidden-on-create"),
     pytest.param(eg.CREATE, {"ended_at": None, "channel_id": DROP}, "channel_id_required",
                  "channel_id", id="forbidden-null-is-absent"),
+    pytest.param(eg.CREATE, {"ended_at": 5, "channel_id": DROP}, "ended_at_forbidden_on_create",
+                 "ended_at", id="ended-at-on-create-before-credentials"),
     pytest.param(eg.UPDATE, {"started_at": 1}, "event_temporal_fields_forbidden_on_update",
                  "started_at", id="update-started-at"),
     pytest.param(eg.UPDATE, {"ended_at": 1}, "event_temporal_fields_forbidden_on_update",
