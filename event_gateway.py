@@ -1572,8 +1572,12 @@ class EventGateway:
         as a crashed proxy would.  Embedders that call handle() directly see
         the same None.
         """
+        return self._handle_lowered(method, target, _lower_headers(headers), body)
+
+    def _handle_lowered(self, method, target, headers, body):
+        """handle() for headers already in a dict of lower-case names (the HTTP shell's)."""
         started = time.perf_counter()
-        request = _Request(method, *_split_target(target), _lower_headers(headers))
+        request = _Request(method, *_split_target(target), headers)
         return self._answer(request, started, lambda: self._serve(request, body),
                             body, None if body is None else len(body))
 
@@ -1696,7 +1700,8 @@ class EventGateway:
     def _serve(self, request, body):
         """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
         route = self._check_route_auth_method(request)          # steps 1-3
-        self._strike_before(request)                            # a queued fault
+        if self._fault_routes:
+            self._strike_before(request)                        # a queued fault
         if request.method == "POST" and request.path not in BODYLESS_POSTS:
             self._check_content_type(request.headers)           # step 4
             self._check_body_size(request.method, None if body is None else len(body))  # step 5
@@ -2171,7 +2176,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if body is not None and len(body) > MAX_BODY_BYTES:
             self.close_connection = True    # the rest of a chunked body is left unread
-        self._send(gateway.handle(self.command, self.path, headers, body))
+        self._send(gateway._handle_lowered(self.command, self.path, headers, body))
 
     def _read_chunked(self):
         """A chunked body, decoded up to one byte over MAX_BODY_BYTES."""
