@@ -1667,11 +1667,15 @@ def test_listing_builds_its_views_outside_the_store_lock(gw, monkeypatch):
     lister = threading.Thread(target=gw.events)
     lister.start()
     assert building.wait(10)
+    created = threading.Event()
+    creator = threading.Thread(target=lambda: (create(gw), created.set()))
+    creator.start()
     try:
-        create(gw)           # would wait for the lister forever if it held the lock
+        assert created.wait(5)    # a create goes through while the views are being built
     finally:
         release.set()
         lister.join(10)
+        creator.join(10)
     assert gw.store.lock.acquire(timeout=1) and gw.store.lock.release() is None
 
 
