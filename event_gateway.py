@@ -573,6 +573,8 @@ def _timestamp(field, value, code):
     Production parses whole numbers only and tells the unit by size: below
     SECONDS_BELOW seconds, below MILLISECONDS_BELOW milliseconds.  Each
     refusal says what to send instead and names the likely cause."""
+    if type(value) is int and 0 <= value < MILLISECONDS_BELOW:     # the usual case, first
+        return value * 1000 if value < SECONDS_BELOW else value
     if isinstance(value, str):
         raise GatewayError(code, "%s must be a JSON number, not a string: send whole Unix "
                                  "seconds or milliseconds without quotes" % field)
