@@ -1907,13 +1907,17 @@ class EventGateway:
     def _route_favicon(self, request):
         return _Raw(204, (), b"")
 
-    def _route_admin_events_get(self, request):
-        params = _query(request.query, EVENT_FILTERS)
+    def _listing(self, request, names, check_filters, source, view):
+        """An admin list (events or requests): its filters checked, its wait waited."""
+        params = _query(request.query, names)
         wait_ms, count = _wait_params(params)
-        filters = _event_filters(**params)
-        found = self._wait(self.store, lambda: self.store.matching(**filters), count,
-                           wait_ms / 1000)
-        return {"events": [_event_view(record) for record in found]}
+        filters = check_filters(**params)
+        found = self._wait(source, lambda: source.matching(**filters), count, wait_ms / 1000)
+        return [view(item) for item in found]
+
+    def _route_admin_events_get(self, request):
+        return {"events": self._listing(request, EVENT_FILTERS, _event_filters, self.store,
+                                        _event_view)}
 
     def _route_admin_event_get(self, request):
         event = self.event(_admin_event_id(request.path))
@@ -1925,12 +1929,8 @@ class EventGateway:
         return {"deleted": self.clear_events()}
 
     def _route_admin_requests_get(self, request):
-        params = _query(request.query, REQUEST_FILTERS)
-        wait_ms, count = _wait_params(params)
-        filters = _request_filters(**params)
-        found = self._wait(self.journal, lambda: self.journal.matching(**filters), count,
-                           wait_ms / 1000)
-        return {"requests": [_request_view(entry) for entry in found]}
+        return {"requests": self._listing(request, REQUEST_FILTERS, _request_filters,
+                                          self.journal, _request_view)}
 
     def _route_admin_requests_delete(self, request):
         return {"deleted": self.clear_requests()}
