@@ -14,8 +14,9 @@ Run it::
     python event_gateway.py              # http://127.0.0.1:6666/, the page's example channel
     python event_gateway.py --help
 
-and open http://127.0.0.1:6666/ in a browser to watch requests and events
-arrive (the live page, the last section of this module).
+and, for the live page (the last section of this module), start it on a port
+that browsers allow, such as --port 8666 (they refuse 6666), and open
+http://127.0.0.1:8666/ to watch requests and events arrive.
 
 Embed it in a test suite (copy this one file into your project)::
 
@@ -2557,7 +2558,7 @@ def main(argv=None):
 # The live page ###############################################################
 #
 # GET / serves this one self-contained page, for the person running the gateway
-# on a laptop: open http://127.0.0.1:6666/ and watch a client work.  It shows
+# on a laptop: open http://127.0.0.1:8666/ (with --port 8666) and watch a client work.  It shows
 # the request journal newest first (refused, dropped and faulted requests stand
 # out; a click shows an entry's masked headers and body) and the events with
 # their histories; it can reset the gateway and queue and clear faults.  It
