@@ -1160,10 +1160,16 @@ MASK = "***"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 
+def _masked_credentials(value):
+    """"Bearer ***" for "Bearer <token>": the scheme is kept, the credentials never."""
+    scheme = value.strip(OWS).split(" ", 1)[0]
+    return "%s %s" % (scheme, MASK) if scheme else MASK
+
+
 def _masked_headers(headers):
-    """The request's headers with every credential shown as its scheme and ***."""
-    return {name: (value.strip(OWS).split(" ", 1)[0] + " " + MASK).lstrip()
-            if name in _SECRET_HEADERS else value for name, value in headers.items()}
+    """The request's headers with every credential masked."""
+    return {name: _masked_credentials(value) if name in _SECRET_HEADERS else value
+            for name, value in headers.items()}
 
 
 def _masked_body(body):
@@ -1722,7 +1728,8 @@ class EventGateway:
                 self._check_content_type(request.headers)
             self._check_body_size(request.method, declared)
         except GatewayError:
-            self._strike_before(request)        # a fault strikes before steps 4-5 would refuse
+            if self._fault_routes:
+                self._strike_before(request)    # a fault strikes before steps 4-5 would refuse
             raise
         return None
 
@@ -1783,10 +1790,11 @@ class EventGateway:
     def _strike_before(self, request):
         """After step 3: the first queued fault that matches strikes (README, "Faults").
 
-        O(1) when no queued fault names this route.  A "before" fault answers
+        Callers skip it while nothing is queued; O(1) when no queued fault names
+        this route.  A "before" fault answers
         now; an "after" one is kept on the request for _answer(); "slow" waits."""
         path = request.path
-        if path not in EVENT_ROUTES or not self._fault_routes:
+        if path not in EVENT_ROUTES:
             return
         with self._faults_lock:
             if not (self._fault_routes[path] or self._fault_routes["*"]):
