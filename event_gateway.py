@@ -433,18 +433,26 @@ def canonical_channel_id(value):
     return symbols
 
 
+# Generated ids are unique, not secret (a channel's password guards its events),
+# so they come from one generator the operating system seeds at start-up rather
+# than from os.urandom: that is a system call that lets other threads run, and two
+# of a create's ids are made while the store's lock is held.
+_ID_BITS = random.Random()
+if hasattr(os, "register_at_fork"):         # a forked child draws ids of its own
+    os.register_at_fork(after_in_child=_ID_BITS.seed)
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48)     # the version and variant bits...
+_UUID4_SET = 4 << 76 | 0x8000 << 48               # ...set as uuid4() sets them
+
+
 def _new_event_id():
     """event_id = uuid4().hex, made as uuid4() makes it (RFC 9562 §5.4):
-    16 random bytes with the version (4) and variant (10) bits set."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    return raw.hex()
+    128 random bits with the version (4) and variant (10) bits set."""
+    return "%032x" % (_ID_BITS.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
 
 
 def _new_hex_id():
     """A 32-char lowercase hex id for generated op_ids and request ids."""
-    return os.urandom(16).hex()
+    return "%032x" % _ID_BITS.getrandbits(128)
 
 
 def _same_secret(given, expected):

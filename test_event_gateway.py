@@ -918,10 +918,34 @@ def test_lifecycle_create_update_close(gw):
 
 def test_event_ids_are_uuid4_hex(gw):
     import uuid
-    for _ in range(50):
-        event_id = create(gw)
+    event_ids = [create(gw) for _ in range(200)]
+    for event_id in event_ids:
         parsed = uuid.UUID(hex=event_id)
         assert (parsed.hex, parsed.version, parsed.variant) == (event_id, 4, uuid.RFC_4122)
+    assert len(set(event_ids)) == 200
+
+
+def test_ids_are_made_without_a_system_call(gw, monkeypatch):
+    # os.urandom would let other threads run while a create holds the store's lock.
+    def no_system_call(size):
+        raise AssertionError("os.urandom called")
+    monkeypatch.setattr(os, "urandom", no_system_call)
+    answer = post(gw, eg.CREATE, valid_body(eg.CREATE))
+    assert answer[0] == 200 and len(gw.requests()[-1]["request_id"]) == 32
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="this platform cannot fork")
+@pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")   # the child only exits
+def test_a_forked_child_draws_ids_of_its_own():
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writing, eg._new_hex_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(reading, 64).decode() != eg._new_hex_id()
+    os.close(reading)
+    os.close(writing)
 
 
 def test_attrs_object_value_replaces_wholesale(gw):
