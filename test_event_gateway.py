@@ -17,6 +17,7 @@ where it offers that route (op_ids repeat across tests).
 """
 
 import http.client
+import io
 import json
 import os
 import re
@@ -2381,13 +2382,40 @@ def test_http_1_0_closes_unless_keep_alive(live):
 
 
 @LOCAL_ONLY
-def test_idle_connection_is_closed():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-timeout", "socket-timeout"])
+def test_idle_connection_is_closed(kernel, monkeypatch):
+    # Closed without an answer: idle, stalled in the head, in a body, in a chunk.
+    if not kernel:
+        monkeypatch.setattr(eg, "_kernel_idle_timeout", lambda connection, seconds: False)
+    stalls = [b"", b"POST /event/create HTTP/1.1\r\nContent-",
+              b"POST /event/create HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",
+              b"POST /event/create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{"]
     with eg.serve_in_thread(idle_timeout=0.3) as served:
         started = time.monotonic()
-        with connect(served.url) as idle, connect(served.url) as half_sent:
-            half_sent.sendall(b"POST /event/create HTTP/1.1\r\nContent-")
-            assert closed_by_peer(idle) and closed_by_peer(half_sent)
+        sockets = [connect(served.url) for _ in stalls]
+        try:
+            for sock, stall in zip(sockets, stalls):
+                sock.sendall(stall)
+            assert [closed_by_peer(sock) for sock in sockets] == [True] * len(stalls)
+        finally:
+            for sock in sockets:
+                sock.close()
         assert 0.25 < time.monotonic() - started < 3
+        assert served.gateway.internal_errors == [] and served.gateway.requests() == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows keeps the socket's own timeout")
+def test_the_kernel_keeps_the_idle_timeout():
+    # No poll() before each recv() and send(): the socket itself has no timeout.
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        assert eg._kernel_idle_timeout(ours, 0.2) and ours.gettimeout() is None
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            io.BufferedReader(eg._Reader(ours)).readline()
+        with pytest.raises(TimeoutError):
+            eg._Writer(ours).write(b"x" * 2 ** 24)     # the peer reads nothing
+        assert 0.3 < time.monotonic() - started < 5
 
 
 def test_slow_clients_do_not_delay_others(live):
