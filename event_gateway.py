@@ -109,6 +109,7 @@ DEFAULT_MAX_HISTORY = 1000    # dispatches kept per event, the create included (
 DEFAULT_MAX_REQUESTS = 1000   # entries kept by the request journal; 0 turns it off
 MAX_CHANNELS = 10000          # registered channels, the start-up ones included
 MAX_FAULTS = 1000             # queued fault entries
+MAX_LABELS = 10000            # distinct labels kept as one shared copy each (_shared_label)
 IDLE_TIMEOUT_S = 5.0          # a connection with no byte for this long is closed
 MAX_IDLE_TIMEOUT_S = 3600     # the longest --idle-timeout accepted
 LISTEN_BACKLOG = 1024         # the stdlib's 5 drops connections under 64 concurrent clients
@@ -471,6 +472,22 @@ def _same_secret(given, expected):
 # where the rule says the value counts as absent.  Every string is trimmed of
 # surrounding whitespace before it is checked and stored.
 
+# Labels that repeat from event to event (a channel_id, thing_id, status or tag)
+# are stored as one shared copy: the first MAX_LABELS distinct ones are kept here
+# for the life of the process (at most 2 MB: measured with labels of 24 emoji),
+# and any others are stored as they came.  sys.intern would share them without
+# a bound, and on Python 3.12 what it interns is never freed.
+_LABELS = {}
+
+
+def _shared_label(text):
+    """The stored copy of text, kept as the shared one while there is room."""
+    label = _LABELS.get(text)
+    if label is None:
+        label = _LABELS.setdefault(text, text) if len(_LABELS) < MAX_LABELS else text
+    return label
+
+
 def _trimmed_string(field, value, code):
     if not isinstance(value, str):
         raise GatewayError(code, _must_be(field, "a string"))
@@ -517,7 +534,7 @@ def check_op_id(value):
 def check_thing_id(value):
     """Optional; 1-64 of A-Z a-z 0-9 _ : -; an empty string is absent."""
     thing_id = _identifier("thing_id", value, "invalid_thing_id", THING_ID_MAX_CHARS)
-    return sys.intern(thing_id) if thing_id else None
+    return _shared_label(thing_id) if thing_id else None
 
 
 def check_ciphertext(value):
@@ -557,7 +574,7 @@ def check_description(value):
 
 def check_status(value):
     """Required on all routes; non-empty, at most 24 characters."""
-    return sys.intern(_bounded_text("status", value, "invalid_status", STATUS_MAX_CHARS))
+    return _shared_label(_bounded_text("status", value, "invalid_status", STATUS_MAX_CHARS))
 
 
 def check_message(value):
@@ -645,7 +662,7 @@ def _string_list(field, value, code, max_items, max_bytes):
 def check_tags(value):
     """Optional; at most 32 strings, each 1-64 UTF-8 bytes after trim; de-duplicated."""
     tags = _string_list("tags", value, "invalid_tags", TAGS_MAX_ITEMS, TAG_MAX_BYTES)
-    return tuple(map(sys.intern, tags))
+    return tuple(map(_shared_label, tags))
 
 
 def check_images(value):
@@ -857,9 +874,8 @@ REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_
 # one-tuple while the event has only its create, and a deque from its first
 # update on, so that appending and trimming are O(1).  The store unpacks a
 # record into a dict to read or change it, and packs it back.  Labels that
-# repeat from event to event (status, thing_id, tags) are interned by their
-# checkers, and a severity is one of four constant strings, so each distinct
-# label is stored once.  Views copy everything out as lists and dicts, so what
+# repeat from event to event (status, thing_id, tags) are shared by their
+# checkers (_shared_label), and a severity is one of four constant strings.  Views copy everything out as lists and dicts, so what
 # a caller does with a view never reaches the store.
 
 EVENT_KEYS = ("event_id", "channel_id", "thing_id", "state", "title", "description", "status",
@@ -1913,7 +1929,7 @@ class EventGateway:
             if expected is not None:
                 request.note = "the channel exists; the password differs"
             raise GatewayError("channel_not_found", "no channel with this channel_id and password")
-        return sys.intern(channel_id)       # stored with each event: one copy, not one per event
+        return _shared_label(channel_id)    # stored with each event: one copy, not one per event
 
     # -- liveness, the page and the test-support routes ------------------------------
 

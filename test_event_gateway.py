@@ -1676,6 +1676,20 @@ def test_update_cost_is_flat_in_memory_however_long_the_history():
     assert peaks[20000] < peaks[100] + 16384, peaks
 
 
+def test_labels_are_stored_once_up_to_their_bound(gw, monkeypatch):
+    # Equal labels from two bodies share one copy; past MAX_LABELS distinct ones
+    # the table stops growing (sys.intern would grow forever on Python 3.12).
+    monkeypatch.setattr(eg, "_LABELS", {})
+    monkeypatch.setattr(eg, "MAX_LABELS", 4)
+    first, second = (create(gw, status="lagging", thing_id="db-1", tags=["db"]) for _ in "12")
+    shared = [(gw.event(first)[name], gw.event(second)[name]) for name in ("status", "thing_id")]
+    assert all(one is other for one, other in shared)
+    assert gw.event(first)["tags"][0] is gw.event(second)["tags"][0]
+    assert len(eg._LABELS) == 4        # channel_id, status, thing_id, tag
+    later = create(gw, status="late", tags=["new"])
+    assert len(eg._LABELS) == 4 and gw.event(later)["tags"] == ["new"]
+
+
 @LOCAL_ONLY
 def test_listing_builds_its_views_outside_the_store_lock(gw, monkeypatch):
     for _ in range(3):
