@@ -835,6 +835,16 @@ def test_channel_id_is_echoed_in_canonical_form(gw):
     assert status == 200 and envelope["data"]["channel_id"] == CHANNEL
 
 
+@pytest.mark.parametrize("last", list(eg.CROCKFORD_ALPHABET))
+def test_channel_id_last_symbol_carries_two_zero_bits(last):
+    # 26 symbols carry 130 bits: the last symbol's value must be a multiple of 4,
+    # in canonical form (matched at once) and in a lenient one (read step by step).
+    accepted = eg.CROCKFORD_ALPHABET.index(last) % 4 == 0
+    canonical = "06J0FZG1Y8XGG14VTQ4Y3G10M" + last
+    assert eg.canonical_channel_id(canonical) == (canonical if accepted else None)
+    assert eg.canonical_channel_id(canonical.lower()) == (canonical if accepted else None)
+
+
 @pytest.mark.parametrize("event_time, words", [
     pytest.param(1713750000.5, ["round it", "time.time()", "whole"], id="fraction-names-time-time"),
     pytest.param("1713750000", ["not a string"], id="string-says-send-a-number"),
