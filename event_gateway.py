@@ -2085,10 +2085,12 @@ def _framing(transfer_encoding, content_length):
         return None, True
     if content_length is None:
         return None, False
-    lengths = set(value.strip(OWS) for value in content_length.split(","))
-    if len(lengths) > 1:
-        raise _BadFraming("conflicting Content-Length headers")
-    length = lengths.pop()
+    length = content_length.strip(OWS)
+    if "," in length:           # repeated headers, joined: all must agree
+        lengths = set(value.strip(OWS) for value in length.split(","))
+        if len(lengths) > 1:
+            raise _BadFraming("conflicting Content-Length headers")
+        length = lengths.pop()
     if not _CONTENT_LENGTH.fullmatch(length):
         raise _BadFraming("Content-Length must be a whole number of bytes")
     return _length_value(length), False
@@ -2280,6 +2282,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is not None and len(body) > MAX_BODY_BYTES:
             self.close_connection = True    # the rest of a chunked body is left unread
         self._send(gateway._handle_lowered(self.command, self.path, headers, body))
+
+    # The methods the routes take, found without a call to __getattr__.
+    do_GET = do_HEAD = do_POST = do_DELETE = _serve
 
     def _read_chunked(self):
         """A chunked body, decoded up to one byte over MAX_BODY_BYTES."""
