@@ -2954,6 +2954,31 @@ def test_readme_examples_fail_a_client_that_changes_its_op_id_on_retry(tmp_path)
 
 
 @LOCAL_ONLY
+def test_readme_ceiling_answers_a_create_as_the_gateway_does(tmp_path):
+    # The performance section's ceiling, run as written: same reply size, keep-alive.
+    path = tmp_path / "ceiling.py"
+    path.write_text(readme_files()["ceiling.py"], encoding="utf-8")
+    ceiling = subprocess.Popen([sys.executable, str(path), "0"], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        url = re.search(r"http://\S+", ceiling.stdout.readline()).group(0).rstrip("/")
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        sizes = []
+        for _ in range(2):          # the second request rides the same connection
+            conn.request("POST", eg.CREATE, CREATE_BYTES, HTTP_HEADERS)
+            response = conn.getresponse()
+            assert response.status == 200 and not response.will_close
+            sizes.append(len(response.read()))
+        gateway = eg.EventGateway()
+        created = gateway.handle("POST", eg.CREATE, JSON_HEADERS, CREATE_BYTES)[2]
+        assert sizes == [len(created)] * 2
+    finally:
+        ceiling.terminate()
+        ceiling.wait(timeout=10)
+        ceiling.stdout.close()
+
+
+@LOCAL_ONLY
 def test_every_error_code_is_expected_by_some_test():
     # Guards the tables: a code added to ERRORS needs a test that expects it by name.
     source = open(__file__, encoding="utf-8").read()
