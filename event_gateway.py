@@ -880,8 +880,9 @@ REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_
 # update on, so that appending and trimming are O(1).  The store unpacks a
 # record into a dict to read or change it, and packs it back.  Labels that
 # repeat from event to event (status, thing_id, tags) are shared by their
-# checkers (_shared_label), and a severity is one of four constant strings.  Views copy everything out as lists and dicts, so what
-# a caller does with a view never reaches the store.
+# checkers (_shared_label), and a severity is one of four constant strings.
+# Views copy everything out as lists and dicts, so what a caller does with a
+# view never reaches the store.
 
 EVENT_KEYS = ("event_id", "channel_id", "thing_id", "state", "title", "description", "status",
               "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
@@ -2107,10 +2108,10 @@ def _kernel_idle_timeout(connection, seconds):
 
     A Python socket with a timeout polls before every recv() and send(): two more
     system calls per request, each of which lets other threads take the
-    interpreter, and under many clients they do.
-    SO_RCVTIMEO and SO_SNDTIMEO keep the same timeout in the kernel: a wait that
-    runs out fails with EAGAIN, which _Reader and _Writer raise as TimeoutError,
-    as the socket's own timeout would.  Windows takes them in another form."""
+    interpreter, and under many clients they do.  SO_RCVTIMEO and SO_SNDTIMEO
+    keep the same timeout in the kernel: a wait that runs out fails with EAGAIN,
+    which _Reader and _Writer raise as TimeoutError, as the socket's own timeout
+    would.  Windows takes these options in another form."""
     if os.name == "nt":
         return False
     whole = int(seconds)
@@ -2170,7 +2171,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "event_gateway/1"
     sys_version = ""
-    disable_nagle_algorithm = True
 
     def parse_request(self):
         """Read the request line and header lines; False when answered or gone.
@@ -2231,7 +2231,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # In place of StreamRequestHandler.setup(), for the idle timeout's sake
         # (see _kernel_idle_timeout).
         self.connection = connection = self.request
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)    # Nagle off
         if not _kernel_idle_timeout(connection, self.server.idle_timeout):
             connection.settimeout(self.server.idle_timeout)
         self.rfile = io.BufferedReader(_Reader(connection))
