@@ -1691,7 +1691,8 @@ def test_labels_are_stored_once_up_to_their_bound(gw, monkeypatch):
     # the table stops growing (sys.intern would grow forever on Python 3.12).
     monkeypatch.setattr(eg, "_LABELS", {})
     monkeypatch.setattr(eg, "MAX_LABELS", 4)
-    first, second = (create(gw, status="lagging", thing_id="db-1", tags=["db"]) for _ in "12")
+    first = create(gw, status="lagging", thing_id="db-1", tags=["db"])
+    second = create(gw, status="lagging", thing_id="db-1", tags=["db"])
     shared = [(gw.event(first)[name], gw.event(second)[name]) for name in ("status", "thing_id")]
     assert all(one is other for one, other in shared)
     assert gw.event(first)["tags"][0] is gw.event(second)["tags"][0]
