@@ -74,6 +74,7 @@ import hmac
 import http
 import http.server
 import io
+import itertools
 import json
 import math
 import os
@@ -90,7 +91,10 @@ import traceback
 import urllib.parse
 from types import MappingProxyType
 
-__all__ = ["EventGateway", "GatewayError", "make_server", "serve_in_thread", "main"]
+__all__ = ["EventGateway", "GatewayError", "LINES", "make_server", "serve_in_thread", "main"]
+
+# What changed for users in each version: the README's changelog.
+__version__ = "3.0.0"
 
 
 # Limits and defaults ###########################################################
@@ -133,6 +137,14 @@ OWS = " \t"                   # the only optional whitespace of HTTP (RFC 9110 5
 EXAMPLE_CHANNEL_ID = "06J0FZG1Y8XGG14VTQ4Y3G10MR"
 EXAMPLE_CHANNEL_PASSWORD = "pass-1234"
 
+# Send status (GET /send_status/{op_id}, line 1.3) and production's rate limit (line 1.3).
+SEND_STATUSES = ("accepted", "processing", "provider_queued", "sent", "partially_failed",
+                 "failed")                                # prod's statuses of a dispatch
+SEND_STATUS_DEFAULT = "sent"     # this gateway delivers nothing: accepted means sent
+SEND_STATUS_RETENTION_MS = 30 * 24 * 3600 * 1000          # prod's default: 30 days
+RATE_LIMIT_PER_IP = 60           # prod 1.3: requests per client IP per calendar minute
+RATE_LIMIT_TOTAL = 1200          # prod 1.3: requests in all per calendar minute
+
 # The field limits (FIELD_RULES).  _CHARS limits count Unicode characters, _BYTES
 # limits count the UTF-8 bytes of the trimmed text, as production counts them.
 PASSWORD_MIN_BYTES, PASSWORD_MAX_BYTES = 8, 128          # the page, counted as prod counts
@@ -169,6 +181,68 @@ _CANONICAL_CHANNEL_ID = re.compile("[%s]{%d}[%s]" % (
     CROCKFORD_ALPHABET, CROCKFORD_SYMBOLS - 1, CROCKFORD_ALPHABET[::4]))
 
 
+# Production lines ##############################################################
+#
+# Clients meet two lines of the production gateway, and this gateway answers as
+# either (--gateway-version, default 1.3).  Where the two differ is this one
+# record; the steps read self.line.<field> and never test the version itself.
+# A reader compares the lines by reading the two rows of LINES.
+
+Line = collections.namedtuple("Line", (
+    "name",                  # "1.2" or "1.3"
+    "releases",              # the production releases the line stands for
+    "thing_routes",          # V1: POST /thing/{thing_id}/event/create|update|close served
+    "send_status_route",     # V2: GET /send_status/{op_id} served
+    "success_keys",          # V3: the keys of an event route's success data, in order
+    "op_id_time_prefix",     # V4: a generated op_id starts with the receive time in ms, as hex
+    "ignore_unknown_fields", # V5: unknown top-level fields ignored (noted), not refused
+    "op_id_conflict",        # V6: the code of an op_id reused with another body
+    "locales",               # V7: the locales of problem.localized_message
+    "rate_limit",            # V8: (per client IP, in all) per calendar minute without a token
+    "refuse_null_ended_at",  # V9: ended_at on create and update refused even as null
+    "lenient_codes",         # refusals of the page's rules that the line's production no
+                             # longer makes: this gateway still refuses, and notes it
+))
+
+LINES = MappingProxyType({
+    "1.2": Line(
+        name="1.2", releases="v1.2.9",
+        thing_routes=False,                # 404 route_not_found
+        send_status_route=False,           # 404 route_not_found
+        success_keys=("channel_id", "op_id", "event_id", "thing_id", "accepted"),
+        op_id_time_prefix=False,           # 32 lowercase hex
+        ignore_unknown_fields=False,       # 400 invalid_json_data, naming each
+        op_id_conflict="op_id_conflict",   # this gateway's code (prod replays the first answer)
+        locales=("en", "zh-CN"),
+        rate_limit=None,                   # none
+        refuse_null_ended_at=False,        # ended_at: null counts as absent
+        lenient_codes=frozenset(),
+    ),
+    "1.3": Line(
+        name="1.3", releases="v1.3.0-v1.3.3",
+        thing_routes=True,
+        send_status_route=True,
+        success_keys=("op_id", "event_id"),
+        op_id_time_prefix=True,            # 13 hex digits of Unix ms, "-", 32 hex: 46 chars
+        ignore_unknown_fields=True,        # not checked, stored or shown; the journal notes them
+        op_id_conflict="op_id_payload_conflict",
+        locales=("en", "zh-CN", "zh-TW"),
+        rate_limit=(RATE_LIMIT_PER_IP, RATE_LIMIT_TOTAL),
+        refuse_null_ended_at=True,         # prod 1.3 refuses the key whatever its value
+        # prod 1.3's source no longer checks status, message and severity (presence,
+        # length, value), tags, images and attrs, takes images/attrs null as absent
+        # and ignores started_at on update and close: the page still documents them.
+        lenient_codes=frozenset({
+            "invalid_status", "invalid_message", "invalid_severity", "invalid_tags",
+            "invalid_images", "invalid_attrs", "extension_object_arrays_unsupported",
+            "extension_object_nested_object_unsupported", "extension_object_key_required",
+            "started_at_forbidden_on_close", "event_temporal_fields_forbidden_on_update",
+            "event_create_required_fields_missing", "event_update_required_fields_missing"}),
+    ),
+})
+DEFAULT_LINE = "1.3"
+
+
 # Error codes and messages ######################################################
 
 # Every error code with its HTTP status, in the order of the processing steps.
@@ -190,6 +264,7 @@ ERRORS = MappingProxyType({
     "password_required": 400,
     "invalid_password": 400,
     "channel_not_found": 404,
+    "password_mismatch": 403,                            # step 10: a known channel, another password
     "event_id_required": 400,                            # step 11
     "event_create_required_fields_missing": 400,
     "event_update_required_fields_missing": 400,
@@ -219,13 +294,15 @@ ERRORS = MappingProxyType({
     "metadata_key_duplicate": 400,
     "metadata_value_required": 400,
     "metadata_value_too_long": 400,
-    "op_id_conflict": 409,                               # step 13
+    "op_id_conflict": 409,                               # step 13 (line 1.2)
+    "op_id_payload_conflict": 409,                       # step 13 (line 1.3)
     "event_not_found": 404,                              # step 14
     "event_closed": 409,
-    "thing_id_mismatch": 409,
+    "thing_id_mismatch": 409,                            # (400 at step 8a: the path's thing)
+    "send_status_not_found": 404,                        # GET /send_status/{op_id}
     "store_full": 503,                                   # step 15
     "internal_error": 500,                               # a bug (and injected faults)
-    "rate_limited": 429,                                 # injected faults only
+    "rate_limited": 429,                                 # step 2a (line 1.3) and injected faults
     "server_busy": 503,                                  # injected faults only
     "too_many_channels": 409,                            # MAX_CHANNELS (test-support routes)
     "too_many_faults": 409,                              # MAX_FAULTS (test-support routes)
@@ -237,6 +314,89 @@ ERRORS = MappingProxyType({
     "header_fields_too_large": 431,
     "http_version_not_supported": 505,
 })
+
+# Production's error answers carry a "problem": the code's category, whether a
+# retry can help, and a sentence in the client's language (Accept-Language).
+# Every code of ERRORS is in one row here; a test checks it.
+PROBLEM_CATEGORIES = MappingProxyType({
+    # category: (retryable, the codes of that category)
+    "validation": (False, tuple(code for code, status in ERRORS.items()
+                                if status in (400, 405, 411, 413, 414, 431, 505))),
+    "auth": (False, ("authentication_failed",)),
+    "permission": (False, ()),
+    "conflict": (False, ("password_mismatch", "op_id_conflict", "op_id_payload_conflict",
+                         "event_closed", "thing_id_mismatch", "too_many_channels",
+                         "too_many_faults")),
+    "not_found": (False, ("route_not_found", "channel_not_found", "event_not_found",
+                          "send_status_not_found")),
+    "rate_limit": (True, ("rate_limited",)),
+    "too_busy": (True, ("server_busy",)),
+    "too_busy_to_stay": (False, ("store_full",)),   # shown as too_busy: retrying does not
+                                                    # help until events close
+    "internal": (True, ("internal_error",)),
+})
+# code -> (category as shown, retryable)
+_PROBLEM_OF = MappingProxyType({
+    code: (category.replace("_to_stay", ""), retryable)
+    for category, (retryable, codes) in PROBLEM_CATEGORIES.items() for code in codes})
+
+# problem.title per category and locale: a short label.
+PROBLEM_TITLES = MappingProxyType({
+    "validation": {"en": "Validation failed", "zh-CN": "请求校验失败", "zh-TW": "請求驗證失敗"},
+    "auth": {"en": "Authentication failed", "zh-CN": "认证失败", "zh-TW": "驗證失敗"},
+    "permission": {"en": "Not allowed", "zh-CN": "不允许", "zh-TW": "不允許"},
+    "conflict": {"en": "Conflict", "zh-CN": "冲突", "zh-TW": "衝突"},
+    "not_found": {"en": "Not found", "zh-CN": "未找到", "zh-TW": "找不到"},
+    "rate_limit": {"en": "Too many requests", "zh-CN": "请求过于频繁", "zh-TW": "請求過於頻繁"},
+    "too_busy": {"en": "Server busy", "zh-CN": "服务器繁忙", "zh-TW": "伺服器忙碌"},
+    "internal": {"en": "Internal error", "zh-CN": "内部错误", "zh-TW": "內部錯誤"},
+})
+
+# problem.localized_message: one sentence per code where the code has its own,
+# else per category.  This gateway's own texts: clients must not parse them.
+PROBLEM_SENTENCES = MappingProxyType({
+    "validation": {"en": "The request is invalid. Check the fields and send it again.",
+                   "zh-CN": "请求无效，请检查字段后重新发送。",
+                   "zh-TW": "請求無效，請檢查欄位後重新傳送。"},
+    "auth": {"en": "The gateway token is missing or wrong.",
+             "zh-CN": "网关令牌缺失或错误。", "zh-TW": "閘道權杖缺少或錯誤。"},
+    "permission": {"en": "This request is not allowed here.",
+                   "zh-CN": "此处不允许该请求。", "zh-TW": "此處不允許此請求。"},
+    "conflict": {"en": "The request conflicts with what the gateway already holds.",
+                 "zh-CN": "请求与网关现有数据冲突。", "zh-TW": "請求與閘道現有資料衝突。"},
+    "not_found": {"en": "What the request names was not found.",
+                  "zh-CN": "请求指定的对象不存在。", "zh-TW": "請求指定的對象不存在。"},
+    "rate_limit": {"en": "Too many requests. Wait a minute and try again.",
+                   "zh-CN": "请求过于频繁，请稍后再试。", "zh-TW": "請求過於頻繁，請稍後再試。"},
+    "too_busy": {"en": "The gateway is busy. Try again later.",
+                 "zh-CN": "网关繁忙，请稍后再试。", "zh-TW": "閘道忙碌，請稍後再試。"},
+    "internal": {"en": "Something went wrong in the gateway. Try again later.",
+                 "zh-CN": "网关内部出错，请稍后再试。", "zh-TW": "閘道內部出錯，請稍後再試。"},
+    "password_mismatch": {"en": "The channel password is wrong.",
+                          "zh-CN": "频道密码错误。", "zh-TW": "頻道密碼錯誤。"},
+    "channel_not_found": {"en": "No such channel. Check the channel ID.",
+                          "zh-CN": "频道不存在，请检查频道 ID。",
+                          "zh-TW": "頻道不存在，請檢查頻道 ID。"},
+    "event_not_found": {"en": "No such event in this channel.",
+                        "zh-CN": "此频道中没有该事件。", "zh-TW": "此頻道中沒有該事件。"},
+    "event_closed": {"en": "The event is closed. Create a new event instead.",
+                     "zh-CN": "事件已关闭，请创建新事件。", "zh-TW": "事件已關閉，請建立新事件。"},
+    "store_full": {"en": "The gateway holds too many open events. Close some first.",
+                   "zh-CN": "网关中未关闭的事件过多，请先关闭一些。",
+                   "zh-TW": "閘道中未關閉的事件過多，請先關閉一些。"},
+    "payload_too_large": {"en": "The request body is too large.",
+                          "zh-CN": "请求体过大。", "zh-TW": "請求內容過大。"},
+})
+
+# Accept-Language: the first part (weights ignored) that names a known locale
+# wins; a part names a locale by its lower-cased start.  "zh_cn" is not among
+# them, as in production, and falls through to the next part.
+LOCALE_PREFIXES = (
+    ("zh-TW", ("zh-tw", "zh_tw", "zh-hk", "zh_hk", "zh-mo", "zh_mo", "zh-hant", "zh_hant")),
+    ("zh-CN", ("zh-cn", "zh-sg", "zh_sg", "zh-hans", "zh_hans")),
+    ("en", ("en-", "en_")),
+)
+LOCALE_WHOLE = MappingProxyType({"zh": "zh-CN", "en": "en"})
 
 # An injected fault of kind "status" answers with the code prod uses for its status.
 FAULT_CODES = MappingProxyType({
@@ -264,10 +424,11 @@ class GatewayError(Exception):
     and becomes ``500 internal_error``.
     """
 
-    def __init__(self, code, message, headers=()):
+    def __init__(self, code, message, headers=(), status=None):
         super().__init__(message)
         self.code = code
-        self.status = ERRORS[code]          # a code missing from ERRORS fails loudly
+        self.status = ERRORS[code] if status is None else status   # a code missing from
+                                                                    # ERRORS fails loudly
         self.message = message
         self.headers = tuple(headers)
 
@@ -461,6 +622,14 @@ def _new_event_id():
 def _new_hex_id():
     """A 32-char lowercase hex id for generated op_ids and request ids."""
     return "%032x" % _ID_BITS.getrandbits(128)
+
+
+def _op_id_maker(line):
+    """The op_id the line generates for a request that carried none (V4), as a
+    function of the request's receive time in integer Unix milliseconds."""
+    if line.op_id_time_prefix:
+        return lambda received_at: "%013x-%s" % (received_at, _new_hex_id())
+    return lambda received_at: _new_hex_id()
 
 
 def _same_secret(given, expected):
@@ -795,8 +964,8 @@ REQUIRED_FIELDS = MappingProxyType({
     CLOSE: (("status", "message", "severity"), "event_update_required_fields_missing"),
 })
 
-ADMIN_EVENT_PREFIX = "/__admin/events/"
 ADMIN_PREFIX = "/__admin/"
+THING_PREFIX = "/thing/"
 
 
 def _with_head(methods):
@@ -806,29 +975,55 @@ def _with_head(methods):
     return MappingProxyType(methods)
 
 
-# Path -> {method: name of the EventGateway method that answers it}.  The
+# Path -> {method: name of the EventGateway method that answers it}.  A {name}
+# is one path segment, percent-decoded and checked by its field rule.  The
 # /__admin/ routes are test support, not part of the PushGo API.
 ROUTES = MappingProxyType({path: _with_head(methods) for path, methods in {
     CREATE: {"POST": "_route_event_create"},
     UPDATE: {"POST": "_route_event_update"},
     CLOSE: {"POST": "_route_event_close"},
+    THING_PREFIX + "{thing_id}" + CREATE: {"POST": "_route_event_create"},
+    THING_PREFIX + "{thing_id}" + UPDATE: {"POST": "_route_event_update"},
+    THING_PREFIX + "{thing_id}" + CLOSE: {"POST": "_route_event_close"},
+    "/send_status/{op_id}": {"GET": "_route_send_status"},
     "/healthz": {"GET": "_route_healthz"},
+    "/readyz": {"GET": "_route_healthz"},
     "/": {"GET": "_route_page"},
     "/favicon.ico": {"GET": "_route_favicon"},
     "/__admin/events": {"GET": "_route_admin_events_get", "DELETE": "_route_admin_events_delete"},
-    ADMIN_EVENT_PREFIX + "{event_id}": {"GET": "_route_admin_event_get"},
+    "/__admin/events/{event_id}": {"GET": "_route_admin_event_get"},
     "/__admin/requests": {"GET": "_route_admin_requests_get",
                           "DELETE": "_route_admin_requests_delete"},
     "/__admin/reset": {"POST": "_route_admin_reset"},
     "/__admin/channels": {"GET": "_route_admin_channels_get", "POST": "_route_admin_channels_post"},
     "/__admin/faults": {"GET": "_route_admin_faults_get", "POST": "_route_admin_faults_post",
                         "DELETE": "_route_admin_faults_delete"},
+    "/__admin/send_status/{op_id}": {"POST": "_route_admin_send_status"},
+    "/__admin/info": {"GET": "_route_admin_info"},
 }.items()})
 _ALLOW = MappingProxyType({path: ", ".join(sorted(methods)) for path, methods in ROUTES.items()})
 
+# Routes that only one production line has (section "Production lines"): the
+# Line field that serves them.  In the other line they are unknown paths (step 1).
+LINE_ROUTES = MappingProxyType({
+    THING_PREFIX + "{thing_id}" + CREATE: "thing_routes",
+    THING_PREFIX + "{thing_id}" + UPDATE: "thing_routes",
+    THING_PREFIX + "{thing_id}" + CLOSE: "thing_routes",
+    "/send_status/{op_id}": "send_status_route",
+})
+
+# The routes with a {segment}, as (what comes before it, route, what comes after).
+_SEGMENT_ROUTES = tuple((path.split("{", 1)[0], path, path.split("}", 1)[1])
+                        for path in ROUTES if "{" in path)
+
+# The action of each event route: a thing-scoped route is its action's route.
+EVENT_ACTIONS = MappingProxyType({
+    path: path[path.index("/event/"):] for path in ROUTES if "/event/" in path})
+
+
 # Step 2: liveness probes carry no secrets, the page's HTML holds no data, and a
 # browser sends no token for an icon: these never look at the gateway token.
-PUBLIC_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
 
 # Step 4: every POST takes a JSON body but the reset, which takes none (a body sent
 # anyway is read, up to the limit of step 5, and ignored).
@@ -839,6 +1034,7 @@ UNJOURNALED_PATHS = frozenset({"/", "/favicon.ico"})      # and everything under
 
 # The fields each admin POST takes, and the query parameters each admin list takes.
 ADMIN_CHANNEL_FIELDS = frozenset({"channel_id", "password"})
+ADMIN_SEND_STATUS_FIELDS = frozenset({"status"})
 FAULT_DEFAULTS = MappingProxyType({"route": None, "kind": "status", "status": None, "when": "before",
                                    "count": 1, "delay_ms": 0, "retry_after_s": None,
                                    "probability": 1})
@@ -945,16 +1141,36 @@ def _merge(event, fields):
 
 
 # One accepted request of an event's history, as one flat tuple: (route, op_id,
-# event_time, received_at, metadata, then the fields it carried in
-# DISPATCH_FIELDS order, None where it did not carry one).
+# event_time, received_at, metadata, send status, then the fields it carried in
+# DISPATCH_FIELDS order, None where it did not carry one).  The send status is
+# SEND_STATUS_DEFAULT until a test sets another, and then (status, updated_at).
+_D_OP_ID, _D_RECEIVED_AT, _D_SEND_STATUS = 1, 3, 5
+
+
+def _send_status_of(dispatch):
+    """(status, updated_at) of a dispatch."""
+    sent = dispatch[_D_SEND_STATUS]
+    return (sent, dispatch[_D_RECEIVED_AT]) if type(sent) is str else sent
+
+
 def _dispatch_view(dispatch):
     route, op_id, event_time, received_at, metadata = dispatch[:5]
     return {"route": route, "op_id": op_id, "event_time": event_time,
             "received_at": received_at,
             "fields": {name: _copy_json(value)
-                       for name, value in zip(DISPATCH_FIELDS, dispatch[5:])
+                       for name, value in zip(DISPATCH_FIELDS, dispatch[6:])
                        if value is not None},
-            "metadata": _copy_json(metadata)}
+            "metadata": _copy_json(metadata),
+            "send_status": _send_status_of(dispatch)[0]}
+
+
+def _send_status_view(dispatch, event_id):
+    """A dispatch's send status as GET /send_status/{op_id} shows it."""
+    status, updated_at = _send_status_of(dispatch)
+    accepted_at = dispatch[_D_RECEIVED_AT]
+    return {"op_id": dispatch[_D_OP_ID], "status": status, "model": "event",
+            "entity_id": event_id, "accepted_at": accepted_at, "updated_at": updated_at,
+            "expires_at": accepted_at + SEND_STATUS_RETENTION_MS}
 
 
 def _event_view(record):
@@ -967,7 +1183,7 @@ def _event_view(record):
 
 # An op_id the gateway generated: the request it names carried no op_id, so a
 # request that sends it can never be that request's replay (Idempotency).
-_GENERATED_OP = ("generated", None)
+_GENERATED_OP = ("generated", None, None)
 
 
 class _Signal:
@@ -1007,44 +1223,55 @@ class _Signal:
 class EventStore:
     """The in-memory events, their op_id records and capacity (the rules above).
 
-    changed is notified after every change, for waits.
+    answers is the line's pair of answer templates (_dispatch_answers),
+    conflict_code the line's code for a reused op_id and new_op_id(received_at)
+    makes the line's op_id for a request that carried none.  changed is
+    notified after every change, for waits.
     """
 
-    def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY):
+    def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY,
+                 answers=None, conflict_code="op_id_conflict", new_op_id=None):
         self.max_events = max_events
         self.max_history = max_history
+        self.answers = answers or _dispatch_answers(LINES[DEFAULT_LINE])
+        self.conflict_code = conflict_code
+        self.new_op_id = new_op_id or (lambda received_at: _new_hex_id())
         self.lock = threading.Lock()
         self.changed = _Signal()
         self._events = {}                          # event_id -> packed event, oldest first
         self._closed = collections.OrderedDict()   # event_id -> None, closed longest ago first
-        self._ops = {}                             # channel_id -> {op_id: (digest, body)}
+        self._ops = {}                             # channel_id -> {op_id: (digest, body, seq)}
+        self._sent = {}                            # op_id -> event_id of its latest dispatch
 
     def __len__(self):
         return len(self._events)
 
     def dispatch(self, route, channel_id, op_id, digest, fields, received_at):
-        """Steps 13-16 for one validated request; returns (200 body, op_id, event_id).
+        """Steps 13-16 for one validated request.
 
-        fields holds the request's normalised fields (FIELD_RULES) and is consumed.
-        digest identifies the request's body for op_id replays (Idempotency);
+        Returns (200 body, op_id, event_id, seq, replayed): seq is a one-item
+        list that the caller fills with the journal's seq of an accepted
+        request, so that a replay can name the request it replays.  fields
+        holds the request's normalised fields (FIELD_RULES) and is consumed.
+        digest identifies the request for op_id replays (Idempotency);
         received_at is the server's receive time in integer Unix milliseconds.
         """
         with self.lock:
             ops = self._ops.setdefault(channel_id, {})
             # 13. Idempotency: a known op_id replays its answer or conflicts.
             if op_id is not None and op_id in ops:
-                known_digest, known_body = ops[op_id]
+                known_digest, known_body, seq = ops[op_id]
                 if known_digest != digest:
-                    raise GatewayError("op_id_conflict", "op_id was already used in this channel "
-                                       "for a different request; use a new op_id")
-                return known_body, op_id, json.loads(known_body)["data"]["event_id"]
+                    raise GatewayError(self.conflict_code, "op_id was already used in this "
+                                       "channel for a different request; use a new op_id")
+                return known_body, op_id, json.loads(known_body)["data"]["event_id"], seq, True
             if op_id is None:
-                op_id = _new_hex_id()       # absent -> generated (digest stays None)
+                op_id = self.new_op_id(received_at)     # absent -> generated (digest stays None)
             thing_id = fields.pop("thing_id", None)
             event_time = fields.pop("event_time")
             metadata = fields.pop("metadata", None)
             event_id = fields.pop("event_id", None)
-            dispatch = (route, op_id, event_time, received_at, metadata,
+            dispatch = (route, op_id, event_time, received_at, metadata, SEND_STATUS_DEFAULT,
                         *map(fields.get, DISPATCH_FIELDS))
             fields.pop("ciphertext", None)
             if route == CREATE:
@@ -1057,21 +1284,30 @@ class EventStore:
                 # 14. Event state.
                 event = self._open_event(channel_id, event_id, thing_id)
                 if route == CLOSE:
+                    defaulted = "ended_at" not in fields
                     fields.setdefault("ended_at", event_time)
                     if fields["ended_at"] < event["started_at"]:
-                        raise GatewayError("invalid_ended_at",
-                                           "ended_at must not be before the event's started_at")
+                        raise GatewayError("invalid_ended_at", "ended_at%s must not be before "
+                                           "the event's started_at (%d ms)" % (
+                                               " (defaulted from event_time)" if defaulted
+                                               else "", event["started_at"]))
                     fields["state"] = "closed"
                     self._closed[event["event_id"]] = None
                 fields["updated_at"] = received_at
                 self._append(event, dispatch, ops)
-            # 16. Apply, record the op_id, answer.
+            # 16. Apply, record the op_id, answer with the request's own thing.
             _merge(event, fields)
-            body = _dispatch_body(channel_id, op_id, event["event_id"], event["thing_id"])
-            ops[op_id] = _GENERATED_OP if digest is None else (digest, body)
-            self._events[event["event_id"]] = _pack(event)
+            event_id = event["event_id"]
+            with_thing, without = self.answers
+            body = ((without if thing_id is None else with_thing) % {
+                "channel_id": channel_id, "op_id": op_id, "event_id": event_id,
+                "thing_id": thing_id}).encode()
+            seq = [None]
+            ops[op_id] = _GENERATED_OP if digest is None else (digest, body, seq)
+            self._sent[op_id] = event_id
+            self._events[event_id] = _pack(event)
         self.changed.notify()
-        return body, op_id, event["event_id"]
+        return body, op_id, event_id, seq, False
 
     def _append(self, event, dispatch, ops):
         """Add a dispatch to an event's history, dropping the oldest after the create
@@ -1083,8 +1319,14 @@ class EventStore:
         if len(history) > self.max_history:
             dropped = history[1]
             del history[1]
-            ops.pop(dropped[1], None)
+            self._forget(ops, dropped[_D_OP_ID], event["event_id"])
             event["history_dropped"] += 1
+
+    def _forget(self, ops, op_id, event_id):
+        """A dropped dispatch's op_id record and send status go with it."""
+        ops.pop(op_id, None)
+        if self._sent.get(op_id) == event_id:
+            del self._sent[op_id]
 
     def _open_event(self, channel_id, event_id, thing_id):
         record = self._events.get(event_id)
@@ -1112,8 +1354,8 @@ class EventStore:
         record = self._events.pop(event_id)
         self._closed.pop(event_id, None)
         ops = self._ops.get(record[_CHANNEL], {})
-        for _route, op_id, *_ in record[_HISTORY]:
-            ops.pop(op_id, None)
+        for dispatch in record[_HISTORY]:
+            self._forget(ops, dispatch[_D_OP_ID], event_id)
 
     def clear(self):
         """Drop every event and op_id record; returns how many events there were."""
@@ -1122,8 +1364,53 @@ class EventStore:
             self._events.clear()
             self._closed.clear()
             self._ops.clear()
+            self._sent.clear()
         self.changed.notify()
         return count
+
+    def _latest_dispatch(self, op_id, now):
+        """(event, index in its history) of op_id's latest accepted dispatch, or None
+        when there is none, it was dropped, or it expired (the lock is held).  The
+        history is searched from its newest end, where the dispatch usually is."""
+        event_id = self._sent.get(op_id)
+        if event_id is None:
+            return None
+        event = _unpack(self._events[event_id])
+        history = event["history"]
+        for index in range(len(history) - 1, -1, -1):
+            dispatch = history[index]
+            if dispatch[_D_OP_ID] == op_id:
+                if now >= dispatch[_D_RECEIVED_AT] + SEND_STATUS_RETENTION_MS:
+                    return None
+                return event, index
+        return None
+
+    def send_status(self, op_id, now):
+        """The send status of op_id's latest accepted dispatch, or None."""
+        with self.lock:
+            found = self._latest_dispatch(op_id, now)
+            if found is None:
+                return None
+            event, index = found
+            return _send_status_view(event["history"][index], event["event_id"])
+
+    def set_send_status(self, op_id, status, now):
+        """Set the send status of op_id's latest accepted dispatch; its view, or None."""
+        with self.lock:
+            found = self._latest_dispatch(op_id, now)
+            if found is None:
+                return None
+            event, index = found
+            history = event["history"]
+            dispatch = history[index]
+            dispatch = dispatch[:_D_SEND_STATUS] + ((status, now),) + dispatch[_D_SEND_STATUS + 1:]
+            if type(history) is tuple:
+                event["history"] = history[:index] + (dispatch,) + history[index + 1:]
+            else:
+                history[index] = dispatch
+            self._events[event["event_id"]] = _pack(event)
+        self.changed.notify()
+        return _send_status_view(dispatch, event["event_id"])
 
     def get(self, event_id):
         with self.lock:
@@ -1146,29 +1433,63 @@ class EventStore:
 
 
 def _success_body(data):
-    """The four-key envelope of a success, as bytes."""
-    return json.dumps({"success": True, "data": data, "error": None, "error_code": None}).encode()
+    """A success envelope, as bytes: exactly "success" and "data"."""
+    return json.dumps({"success": True, "data": data}).encode()
 
 
-# The answer to an accepted dispatch.  Every value in it is an id that its rule
-# limits to A-Z a-z 0-9 _ : - (or null), characters JSON never escapes, so
-# formatting them into json.dumps' own output gives json.dumps' bytes.
-_DISPATCH_TEMPLATE = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
-                                    "thing_id": "%s", "accepted": True}).decode()
-_DISPATCH_TEMPLATE_NO_THING = _success_body({"channel_id": "%s", "op_id": "%s", "event_id": "%s",
-                                             "thing_id": None, "accepted": True}).decode()
+def _dispatch_answers(line):
+    """The two templates of an accepted dispatch's answer in line: (with a thing,
+    without).  Every value in them is an id that its rule limits to A-Z a-z 0-9
+    _ : -, characters JSON never escapes, so formatting the ids into json.dumps'
+    own output gives json.dumps' bytes.  Production leaves a null thing_id out."""
+    values = {"channel_id": "%(channel_id)s", "op_id": "%(op_id)s",
+              "event_id": "%(event_id)s", "thing_id": "%(thing_id)s", "accepted": True}
+    with_thing = {key: values[key] for key in line.success_keys}
+    without = {key: value for key, value in with_thing.items() if key != "thing_id"}
+    return _success_body(with_thing).decode(), _success_body(without).decode()
 
 
-def _dispatch_body(channel_id, op_id, event_id, thing_id):
-    if thing_id is None:
-        return (_DISPATCH_TEMPLATE_NO_THING % (channel_id, op_id, event_id)).encode()
-    return (_DISPATCH_TEMPLATE % (channel_id, op_id, event_id, thing_id)).encode()
+def _locale(accept_language, locales):
+    """The answer's locale for an Accept-Language header (section "Response envelope"
+    of the README): the first part that names one of locales; none -> en."""
+    for part in (accept_language or "").split(","):
+        tag = part.split(";", 1)[0].strip(OWS).lower()
+        named = LOCALE_WHOLE.get(tag)
+        if named is None:
+            named = next((locale for locale, starts in LOCALE_PREFIXES
+                          if tag.startswith(starts)), None)
+        if named in locales:
+            return named
+    return "en"
 
 
-def _error_body(code, message):
-    """The four-key envelope of an error, as bytes."""
-    return json.dumps({"success": False, "data": None, "error": message,
-                       "error_code": code}).encode()
+def _error_template(code, locale):
+    """The error envelope of code in locale as a %-template of (message, status,
+    message, request_id part): everything but those is fixed, so it is made once."""
+    category, retryable = _PROBLEM_OF[code]
+    sentences = PROBLEM_SENTENCES.get(code) or PROBLEM_SENTENCES[category]
+
+    def fixed(value):
+        return json.dumps(value, ensure_ascii=False).replace("%", "%%")
+    return ('{"success": false, "error": %%s, "error_code": %s, "problem": {"code": %s, '
+            '"category": %s, "status": %%d, "title": %s, "detail": %%s, '
+            '"localized_message": %s, "locale": %s, "retryable": %s%%s}}' % (
+                fixed(code), fixed(code), fixed(category),
+                fixed(PROBLEM_TITLES[category][locale]), fixed(sentences[locale]),
+                fixed(locale), "true" if retryable else "false"))
+
+
+# Made once, at import: every code in every locale.
+_ERROR_TEMPLATES = MappingProxyType({
+    (code, locale): _error_template(code, locale)
+    for code in ERRORS for locale in PROBLEM_TITLES["validation"]})
+
+
+def _error_body(code, message, status, locale="en", request_id=None):
+    """The error envelope, as bytes: success, error, error_code and problem (no data)."""
+    text = json.dumps(message, ensure_ascii=False)
+    request_part = "" if request_id is None else ', "request_id": "%s"' % request_id
+    return (_ERROR_TEMPLATES[code, locale] % (text, status, text, request_part)).encode()
 
 
 # Request journal ###############################################################
@@ -1184,8 +1505,8 @@ def _error_body(code, message):
 # parse as a JSON object is never shown, only its length.
 
 JOURNAL_KEYS = ("seq", "received_at", "method", "path", "query", "headers", "body",
-                "body_bytes", "status", "error_code", "error", "request_id", "op_id", "event_id",
-                "channel_id", "fault", "note", "duration_ms")
+                "body_bytes", "status", "error_code", "error", "response", "request_id", "op_id",
+                "event_id", "channel_id", "fault", "note", "duration_ms")
 _SEQ, _J_PATH, _J_STATUS, _J_CODE, _J_CHANNEL = (JOURNAL_KEYS.index(key) for key in (
     "seq", "path", "status", "error_code", "channel_id"))
 MASK = "***"
@@ -1216,10 +1537,55 @@ def _masked_body(body):
             for key, value in doc.items()}
 
 
+def _masked_response(payload):
+    """An answer's body as the journal shows it: parsed, a password masked, or None."""
+    if not payload:
+        return None
+    doc = json.loads(payload)
+    if isinstance(doc, dict) and "password" in doc:
+        doc["password"] = MASK
+    return doc
+
+
+# A note is kept as (code, arguments) and written out only when it is read, so
+# that a request pays nothing for a sentence nobody reads.  The notes say what
+# the answer does not: what production would have done, what was ignored.
+NOTE_TEXTS = MappingProxyType({
+    "replay": "replay of seq %s; nothing applied",
+    "replay_unseen": "replay of an earlier request that the journal no longer holds; "
+                     "nothing applied",
+    "unknown_channel": "no channel %s is registered; registered: %s",
+    "ignored_fields": "ignored unknown field%s %s, as production %s does",
+    "rate_limit": "production 1.3 would answer 429 rate_limited: %s",
+    "lenient": "production %s would accept this (it no longer checks %s); this gateway keeps "
+               "the page's rule",
+})
+
+
+def _note_text(note):
+    """The sentences of a request's notes (a tuple of (code, arguments)), or None."""
+    if note is None:
+        return None
+    texts = []
+    for code, *args in note:
+        if code == "replay":
+            seq = args[0][0]        # the replayed request's seq, once it was journaled
+            texts.append(NOTE_TEXTS["replay_unseen"] if seq is None else NOTE_TEXTS[code] % seq)
+        elif code == "ignored_fields":
+            unknown, line = args
+            texts.append(NOTE_TEXTS[code] % ("s" if len(unknown) > 1 else "",
+                                             _named_unknown(unknown, EVENT_FIELDS), line))
+        else:
+            texts.append(NOTE_TEXTS[code] % tuple(args))
+    return "; ".join(texts)
+
+
 def _request_view(entry):
     view = dict(zip(JOURNAL_KEYS, entry))
     view["headers"] = _masked_headers(view["headers"])
     view["body"] = _masked_body(view["body"])
+    view["response"] = _masked_response(view["response"])
+    view["note"] = _note_text(view["note"])
     view["fault"] = None if view["fault"] is None else view["fault"]._asdict()
     view["duration_ms"] = round(view["duration_ms"], 3)
     return view
@@ -1238,13 +1604,14 @@ class RequestJournal:
         self._entries = collections.deque(maxlen=max_requests)
 
     def record(self, *fields):
-        """Append one entry (the fields of JOURNAL_KEYS after seq)."""
+        """Append one entry (the fields of JOURNAL_KEYS after seq); returns its seq."""
         changed = self.changed
         with changed.lock:
             changed.version += 1
             self._entries.append((changed.version,) + fields)
             if changed.waiting:
                 changed.condition.notify_all()
+            return changed.version
 
     def matching(self, path=None, status=None, error_code=None, channel_id=None, after=None):
         with self.changed.lock:
@@ -1301,6 +1668,14 @@ def _declared_length(headers):
     return _length_value(declared) if _CONTENT_LENGTH.fullmatch(declared) else 0
 
 
+def _cut(text, most):
+    """text in at most most characters: a longer one loses its middle."""
+    if len(text) <= most:
+        return text
+    half = (most - 3) // 2
+    return text[:most - 3 - half] + "..." + text[len(text) - half:]
+
+
 def _printable(text):
     """Text safe to write on one log line."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
@@ -1319,19 +1694,24 @@ def _split_target(target):
     return path, query
 
 
-def _admin_event_id(path):
-    """The {event_id} of /__admin/events/{event_id}, or None for any other path."""
-    if path.startswith(ADMIN_EVENT_PREFIX):
-        event_id = path[len(ADMIN_EVENT_PREFIX):]
-        if event_id and "/" not in event_id:
-            return event_id
-    return None
+def _match_route(path, routes):
+    """(route, its percent-decoded {segment} or None) of a path, or (None, None) for
+    an unknown path.  An empty segment is an unknown path."""
+    if path in routes:
+        return path, None
+    for before, route, after in _SEGMENT_ROUTES:
+        if path.startswith(before) and path.endswith(after) and route in routes:
+            segment = path[len(before):len(path) - len(after)]
+            if segment and "/" not in segment:
+                return route, urllib.parse.unquote(segment)
+    return None, None
 
 
-def _request_digest(route, doc):
-    """What makes two requests "the same" for op_id replays: route and parsed body."""
+def _request_digest(route, path_thing, doc):
+    """What makes two requests "the same" for op_id replays: the action, the path's
+    thing (None on the plain routes) and the parsed body."""
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(("%s\n%s" % (route, canonical)).encode("ascii")).digest()
+    return hashlib.sha256(("%s\n%s\n%s" % (route, path_thing, canonical)).encode("ascii")).digest()
 
 
 def _close_name(name, known):
@@ -1344,19 +1724,25 @@ def _close_name(name, known):
     return match[0] if match else None
 
 
-def _reject_unknown(doc, known):
-    """Step 8: every unknown field named, sorted, each with a close known name if any."""
-    unknown = sorted(doc.keys() - known)
-    if not unknown:
-        return
+def _named_unknown(unknown, known):
+    """Unknown field names as a message names them: sorted, quoted, the first ten
+    each with a close known name if there is one."""
     names = []
-    for name in unknown[:10]:
+    for name in sorted(unknown)[:10]:
         hint = _close_name(name, known)
         names.append("`%s`%s" % (_printable(name[:64]), " (did you mean `%s`?)" % hint if hint else ""))
     if len(unknown) > 10:
         names.append("and %d more" % (len(unknown) - 10))
-    raise GatewayError("invalid_json_data", "unknown field%s %s; remove %s" % (
-        "s" if len(unknown) > 1 else "", ", ".join(names), "them" if len(unknown) > 1 else "it"))
+    return ", ".join(names)
+
+
+def _reject_unknown(doc, known):
+    """Step 8: every unknown field named, sorted, each with a close known name if any."""
+    unknown = doc.keys() - known
+    if unknown:
+        raise GatewayError("invalid_json_data", "unknown field%s %s; remove %s" % (
+            "s" if len(unknown) > 1 else "", _named_unknown(unknown, known),
+            "them" if len(unknown) > 1 else "it"))
 
 
 def _whole_number(name, value, low, high, code="invalid_filter", text=False):
@@ -1411,13 +1797,18 @@ class _Request:
     """One request as the core handles it, and what handling it learned that
     the journal and the log line show."""
 
-    __slots__ = ("method", "path", "query", "headers", "received_at", "doc", "channel_id",
-                 "op_id", "event_id", "note", "fault")
+    __slots__ = ("method", "path", "query", "headers", "client", "received_at", "route",
+                 "segment", "doc", "channel_id", "op_id", "event_id", "note", "fault", "seq")
 
-    def __init__(self, method, path, query, headers):
+    def __init__(self, method, path, query, headers, client=None):
         self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.received_at = self.doc = self.channel_id = self.op_id = self.event_id = None
-        self.note = self.fault = None
+        self.client = client
+        self.received_at = self.route = self.segment = self.doc = self.channel_id = None
+        self.op_id = self.event_id = self.note = self.fault = self.seq = None
+
+    def add_note(self, *note):
+        """Keep a note for the journal as (code, arguments): see NOTE_TEXTS."""
+        self.note = (self.note or ()) + (note,)
 
 
 class _Drop(Exception):
@@ -1428,37 +1819,84 @@ class _Drop(Exception):
 _Raw = collections.namedtuple("_Raw", "status headers body")
 
 # A dummy to compare a password with when the channel is unknown, so that an
-# unknown channel and a wrong password take the same path (step 10).
+# unknown channel and a wrong password take the same time (step 10).
 _DUMMY_PASSWORD = "x" * PASSWORD_MAX_BYTES
+
+
+class _RateCounter:
+    """Production 1.3's rate limit (step 2a): requests per client IP and in all,
+    per calendar minute (Unix seconds // 60).  A request over either count is
+    refused by production and not counted.  One counter per client IP seen this
+    minute, all dropped when the minute turns: O(1) per request, and bounded by
+    the clients of one minute."""
+
+    def __init__(self, per_ip, total):
+        self.per_ip, self.total = per_ip, total
+        self._lock = threading.Lock()
+        self._minute = None
+        self._by_ip = {}
+        self._all = 0
+
+    def over(self, client, now_s):
+        """Count one request; None, or why production would refuse it (not counted)."""
+        minute = int(now_s // 60)
+        with self._lock:
+            if minute != self._minute:
+                self._minute, self._by_ip, self._all = minute, {}, 0
+            from_ip = self._by_ip.get(client, 0)
+            if from_ip >= self.per_ip:
+                return "over %d requests from %s this minute" % (self.per_ip,
+                                                                  client or "this client")
+            if self._all >= self.total:
+                return "over %d requests in all this minute" % self.total
+            self._by_ip[client] = from_ip + 1
+            self._all += 1
+            return None
+
+    def clear(self):
+        with self._lock:
+            self._minute, self._by_ip, self._all = None, {}, 0
 
 
 class EventGateway:
     """The gateway's logic with no I/O: handle() maps one request to one response.
 
-    token         gateway bearer token, or None for no auth (step 2)
-    channels      {channel_id: password}; None registers the page's example channel
-    max_events    events kept (Store)
-    max_history   dispatches kept per event, the create included (Store)
-    max_requests  entries kept by the request journal; 0 turns it off
-    seed          seed of the generator that draws faults' probabilities
-    clock         returns the time in Unix seconds (tests pin it); kept in milliseconds
-    log           a text stream for one line per request, or None for silence
+    gateway_version  the production line to answer as: "1.2" or "1.3" (LINES)
+    token            gateway bearer token, or None for no auth (step 2)
+    channels         {channel_id: password}; None registers the page's example channel
+    max_events       events kept (Store)
+    max_history      dispatches kept per event, the create included (Store)
+    max_requests     entries kept by the request journal; 0 turns it off
+    rate_limit       answer production 1.3's rate limit with 429 (step 2a); needs
+                     line 1.3 and no token
+    seed             seed of the generator that draws faults' probabilities
+    clock            returns the time in Unix seconds (tests pin it); kept in milliseconds
+    log              a text stream for one line per request, or None for silence
     """
 
     def __init__(self, token=None, channels=None, max_events=DEFAULT_MAX_EVENTS,
                  max_history=DEFAULT_MAX_HISTORY, max_requests=DEFAULT_MAX_REQUESTS, seed=0,
-                 clock=time.time, log=None):
+                 clock=time.time, log=None, gateway_version=DEFAULT_LINE, rate_limit=False):
         if channels is None:
             channels = {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD}
+        if gateway_version not in LINES:
+            raise ValueError("gateway_version must be one of %s" % ", ".join(LINES))
         if max_events < 1 or max_history < 2 or max_requests < 0:
             raise ValueError("max_events must be at least 1, max_history at least 2 (the "
                              "create and one more), max_requests at least 0")
+        line = self.line = LINES[gateway_version]
+        if rate_limit and (line.rate_limit is None or token is not None):
+            raise ValueError("rate_limit needs a line with a rate limit (1.3) and no token: "
+                             "production limits only requests without a gateway token")
         self.token = token
-        self.store = EventStore(max_events, max_history)
+        self.store = EventStore(max_events, max_history, answers=_dispatch_answers(line),
+                                conflict_code=line.op_id_conflict,
+                                new_op_id=_op_id_maker(line))
         self.journal = RequestJournal(max_requests)
         self.clock = clock
         self.log = log
         self.internal_errors = []       # tracebacks of unexpected exceptions (a 500 each)
+        self.idle_timeout_s = IDLE_TIMEOUT_S     # the HTTP shell's, shown by info()
         self._channels = {}
         self._channels_lock = threading.Lock()
         for channel_id, password in channels.items():
@@ -1469,8 +1907,14 @@ class EventGateway:
         self._faults_lock = threading.Lock()
         self._random = random.Random(seed)
         self._stopping = threading.Event()
+        # Step 2a: production counts only when it has no token.
+        self.rate_limit = bool(rate_limit)
+        self._rate = (None if line.rate_limit is None or token is not None
+                      else _RateCounter(*line.rate_limit))
         self._routes = {path: {method: getattr(self, name) for method, name in methods.items()}
-                        for path, methods in ROUTES.items()}
+                        for path, methods in ROUTES.items()
+                        if path not in LINE_ROUTES or getattr(line, LINE_ROUTES[path])}
+        self._event_route_names = ", ".join(path for path in self._routes if path in EVENT_ACTIONS)
 
     # -- the embedding API ---------------------------------------------------------
 
@@ -1538,12 +1982,14 @@ class EventGateway:
     def reset(self):
         """What POST /__admin/reset does: back to how the gateway started.
 
-        Drops every event, op_id record, journal entry, queued fault and recorded
-        internal error, and puts back the start-up channels.  seq and the fault
-        generator's state go on."""
+        Drops every event, op_id record, journal entry, queued fault, recorded
+        internal error and rate-limit count, and puts back the start-up
+        channels.  seq and the fault generator's state go on."""
         with self._channels_lock:
             self._channels = dict(self._start_channels)
         del self.internal_errors[:]
+        if self._rate is not None:
+            self._rate.clear()
         return {"events": self.clear_events(), "requests": self.clear_requests(),
                 "faults": self.clear_faults()}
 
@@ -1562,6 +2008,30 @@ class EventGateway:
             self._faults.append(fault)
             self._fault_routes[fault.route] += 1
             return sum(f.count for f in self._faults)
+
+    def send_status(self, op_id):
+        """What GET /send_status/{op_id} shows (in either line), or None."""
+        return self.store.send_status(check_op_id(op_id), int(self.clock() * 1000))
+
+    def set_send_status(self, op_id, status):
+        """What POST /__admin/send_status/{op_id} does; the send status, or None."""
+        if status not in SEND_STATUSES:
+            raise GatewayError("invalid_filter", "status must be one of %s" % ", ".join(SEND_STATUSES))
+        return self.store.set_send_status(check_op_id(op_id), status, int(self.clock() * 1000))
+
+    def info(self):
+        """What GET /__admin/info shows: the line, the version, auth and every bound."""
+        return {"gateway_version": self.line.name, "module_version": __version__,
+                "auth": self.token is not None,
+                "rate_limit": self.rate_limit,
+                "limits": {"max_events": self.store.max_events,
+                           "max_history": self.store.max_history,
+                           "max_requests": self.journal.max_requests,
+                           "max_channels": MAX_CHANNELS, "max_faults": MAX_FAULTS,
+                           "max_body_bytes": MAX_BODY_BYTES,
+                           "idle_timeout_s": self.idle_timeout_s,
+                           "rate_limit_per_ip": RATE_LIMIT_PER_IP,
+                           "rate_limit_total": RATE_LIMIT_TOTAL}}
 
     def faults(self):
         with self._faults_lock:
@@ -1598,31 +2068,34 @@ class EventGateway:
 
     # -- one request -----------------------------------------------------------------
 
-    def handle(self, method, target, headers, body):
+    def handle(self, method, target, headers, body, client=None):
         """One request through the processing order; returns (status, headers, body).
 
         target is the request target: a path with its query string, or the
         absolute form (http://host/path?query).  headers is a mapping or
         (name, value) pairs, names in any case.  body is the request body as
         bytes, or None when the request had neither a Content-Length nor a
-        chunked body.  The answer's headers are (name, value) pairs; a HEAD
-        answer has an empty body and the Content-Length the GET would have.
+        chunked body.  client is the client's address (the TCP peer's IP),
+        which only production 1.3's rate limit reads (step 2a); without it
+        every request counts as one client's.  The answer's headers are (name,
+        value) pairs; a HEAD answer has an empty body and the Content-Length
+        the GET would have.
 
         A dropped answer (a queued fault of kind "drop") is (None, [], b""):
         the HTTP shell must then close the connection without sending a byte,
         as a crashed proxy would.  Embedders that call handle() directly see
         the same None.
         """
-        return self._handle_lowered(method, target, _lower_headers(headers), body)
+        return self._handle_lowered(method, target, _lower_headers(headers), body, client)
 
-    def _handle_lowered(self, method, target, headers, body):
+    def _handle_lowered(self, method, target, headers, body, client=None):
         """handle() for headers already in a dict of lower-case names (the HTTP shell's)."""
         started = time.perf_counter()
-        request = _Request(method, *_split_target(target), headers)
+        request = _Request(method, *_split_target(target), headers, client)
         return self._answer(request, started, lambda: self._serve(request, body),
                             body, None if body is None else len(body))
 
-    def check_head(self, method, target, headers):
+    def check_head(self, method, target, headers, client=None):
         """Steps 1-5 from the request head alone, before any body is read.
 
         Returns None when the body should be read and handle() called, or the
@@ -1633,7 +2106,7 @@ class EventGateway:
         100-continue", so as to send the final answer instead of 100.
         """
         started = time.perf_counter()
-        request = _Request(method, *_split_target(target), _lower_headers(headers))
+        request = _Request(method, *_split_target(target), _lower_headers(headers), client)
         declared = _declared_length(request.headers)
         return self._answer(request, started, lambda: self._steps_from_head(request, declared),
                             None, declared)
@@ -1656,7 +2129,6 @@ class EventGateway:
             raw = type(result) is _Raw
         except GatewayError as error:
             status, extra, code, message = error.status, error.headers, error.code, error.message
-            payload = _error_body(code, message)
         except _Drop:
             status, extra, payload = None, (), b""
         except Exception:       # a bug in this module: answer 500 and keep serving
@@ -1666,7 +2138,6 @@ class EventGateway:
                 self.log.write(trace)
             status, extra, code = 500, (), "internal_error"
             message = "internal error in the gateway; see its log"
-            payload = _error_body(code, message)
         fault = request.fault
         if fault is not None and fault.when == "after" and status is not None:
             # The request was handled in full; its answer is now lost.
@@ -1676,33 +2147,51 @@ class EventGateway:
             else:
                 error = _fault_error(fault)
                 status, extra, code, message = error.status, error.headers, error.code, error.message
-                payload = _error_body(code, message)
         request_id = _new_hex_id()
+        headers = [("X-Request-Id", request_id)] if raw or status == 405 else [
+            ("Content-Type", "application/json"), ("X-Request-Id", request_id)]
+        if code is not None:
+            payload, locale = self._error_payload(request, code, message, status, request_id)
+            headers.append(("Content-Language", locale))
+            if code in self.line.lenient_codes:
+                rule = _lenient_rule(code, request.doc)
+                if rule is not None:
+                    request.add_note("lenient", self.line.name, rule)
+        headers.extend(extra)
         duration_ms = (time.perf_counter() - started) * 1000
         path = request.path
-        if self.journal.max_requests and not (path in UNJOURNALED_PATHS
-                                               or path.startswith(ADMIN_PREFIX)):
+        journaled = self.journal.max_requests and not (path in UNJOURNALED_PATHS
+                                                        or path.startswith(ADMIN_PREFIX))
+        if journaled or self.log is not None:
+            request.op_id, request.event_id, request.channel_id = self._body_ids(request, body)
+        if journaled:
             self._record(request, received_at, body, body_bytes, status, code, message,
-                         request_id, duration_ms)
+                         payload, request_id, duration_ms)
         if self.log is not None:
             self._log_line(request, received_at, status, code, message, request_id, duration_ms)
         if status is None:
             return None, [], b""
-        headers = [("X-Request-Id", request_id)] if raw else [
-            ("Content-Type", "application/json"), ("X-Request-Id", request_id)]
-        headers.extend(extra)
         if request.method == "HEAD":
             if status != 204:
                 headers.append(("Content-Length", str(len(payload))))
             payload = b""
         return status, headers, payload
 
-    def _record(self, request, received_at, body, body_bytes, status, code, message,
-                request_id, duration_ms):
+    def _error_payload(self, request, code, message, status, request_id):
+        """(body, locale) of an error answer (section "Response envelope" of the README)."""
+        if status == 405:
+            return b"", "en"            # production's 405 has no body
+        if code == "route_not_found":
+            # Production answers an unknown path before it reads the request.
+            return _error_body(code, message, status), "en"
+        locale = _locale(request.headers.get("accept-language"), self.line.locales)
+        return _error_body(code, message, status, locale, request_id), locale
+
+    def _body_ids(self, request, body):
+        """(op_id, event_id, channel_id) the journal and the log line show: the
+        answer's, else the body's (parsed for this when no step parsed it)."""
         doc = request.doc
-        if doc is None and body and request.fault is not None:
-            # A fault struck before the body was read as JSON: the journal still shows
-            # what the body says (the parse is for the journal only; errors are not ours).
+        if doc is None and body and request.path in EVENT_ACTIONS:
             try:
                 doc = parse_json_body(body)
             except GatewayError:
@@ -1712,35 +2201,50 @@ class EventGateway:
             op_id = op_id or _text_or_none(doc.get("op_id"))
             event_id = event_id or _text_or_none(doc.get("event_id"))
             channel_id = channel_id or canonical_channel_id(doc.get("channel_id"))
-        self.journal.record(received_at, request.method, request.path, request.query,
-                            request.headers, body, body_bytes or 0, status, code, message,
-                            request_id, op_id, event_id, channel_id, request.fault,
-                            request.note, duration_ms)
+        return op_id, event_id, channel_id
+
+    def _record(self, request, received_at, body, body_bytes, status, code, message,
+                payload, request_id, duration_ms):
+        seq = self.journal.record(
+            received_at, request.method, request.path, request.query, request.headers, body,
+            body_bytes or 0, status, code, message, payload or None, request_id,
+            request.op_id, request.event_id, request.channel_id, request.fault, request.note,
+            duration_ms)
+        if request.seq is not None:
+            request.seq[0] = seq        # a replay of this request names it by this seq
 
     def _log_line(self, request, received_at, status, code, message, request_id, duration_ms):
-        """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body."""
-        parts = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received_at / 1000))
-                 + ".%03dZ" % (received_at % 1000),
-                 request.method or "-", request.path or "-",
-                 "dropped" if status is None else str(status)]
+        """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body.
+
+        time, method, path, status, code and message, op_id and event_id, note,
+        milliseconds, request id.  A line too long loses its middle (the method
+        and path are shortened, then the message, ids and note), never the
+        time, the status, the milliseconds or the request id, so that an
+        answer's X-Request-Id always finds its line."""
+        stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received_at / 1000))
+                 + ".%03dZ" % (received_at % 1000))
+        head = "%s %s %s %s" % (stamp, _cut(_printable(request.method or "-"), 24),
+                                _cut(_printable(request.path or "-"), 160),
+                                "dropped" if status is None else status)
+        middle = []
         if code is not None:
-            parts.append("%s: %s" % (code, message))
-        if request.note is not None:
-            parts.append("(%s)" % request.note)
+            middle.append("%s: %s" % (code, message))
         for name in ("op_id", "event_id"):
             value = getattr(request, name)
             if value is not None:
-                parts.append("%s=%s" % (name, value))
-        parts.append("%.1fms %s" % (duration_ms, request_id))
-        line = " ".join(map(_printable, parts))
-        if len(line) > MAX_LOG_LINE_CHARS:
-            line = line[:MAX_LOG_LINE_CHARS - 3] + "..."
-        self.log.write(line + "\n")
+                middle.append("%s=%s" % (name, value))
+        if request.note is not None:
+            middle.append("(%s)" % _note_text(request.note))
+        tail = "%.1fms %s" % (duration_ms, request_id)
+        room = MAX_LOG_LINE_CHARS - len(head) - len(tail) - 2
+        middle = _cut(_printable(" ".join(middle)), room - 1)
+        self.log.write(" ".join(part for part in (head, middle, tail) if part) + "\n")
         self.log.flush()
 
     def _serve(self, request, body):
         """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
-        route = self._check_route_auth_method(request)          # steps 1-3
+        route = self._check_route_auth_method(request)          # steps 1-3 (and 2a)
+        self._count_rate(request)                               # step 2a
         if self._fault_routes:
             self._strike_before(request)                        # a queued fault
         if request.method == "POST" and request.path not in BODYLESS_POSTS:
@@ -1760,6 +2264,9 @@ class EventGateway:
                 self._check_content_type(request.headers)
             self._check_body_size(request.method, declared)
         except GatewayError:
+            # Refused from the head: handle() will not see this request, so it is
+            # counted (and may be rate limited) here.
+            self._count_rate(request)
             if self._fault_routes:
                 self._strike_before(request)    # a fault strikes before steps 4-5 would refuse
             raise
@@ -1769,22 +2276,34 @@ class EventGateway:
         """Steps 1-3; returns the route's handler."""
         path = request.path
         # 1. Unknown path (no auth needed to learn this).
-        key = path if path in self._routes else None
-        if key is None and _admin_event_id(path) is not None:
-            key = ADMIN_EVENT_PREFIX + "{event_id}"
-        if key is None:
-            raise GatewayError("route_not_found", "no route %s; the event routes are "
-                               "POST /event/create, /event/update and /event/close"
-                               % _printable(path[:100]))
+        route, request.segment = _match_route(path, self._routes)
+        if route is None:
+            raise GatewayError("route_not_found", "no route %s; the event routes are POST %s"
+                               % (_printable(path[:100]), self._event_route_names))
+        request.route = route
         # 2. Gateway auth, when enabled.
-        if self.token is not None and key not in PUBLIC_PATHS:
+        if self.token is not None and route not in PUBLIC_PATHS:
             self._check_token(request.headers.get("authorization"))
         # 3. Method.
-        handler = self._routes[key].get(request.method)
+        handler = self._routes[route].get(request.method)
         if handler is None:
-            raise GatewayError("method_not_allowed", "%s takes %s" % (key, _ALLOW[key]),
-                               headers=[("Allow", _ALLOW[key])])
+            raise GatewayError("method_not_allowed", "%s takes %s" % (route, _ALLOW[route]),
+                               headers=[("Allow", _ALLOW[route])])
         return handler
+
+    def _count_rate(self, request):
+        """Step 2a: production 1.3's rate limit, on a request that passed step 3 of an
+        event route, when no token is set.  Answered with 429 under rate_limit;
+        otherwise noted for the tester."""
+        if self._rate is None or request.route not in EVENT_ACTIONS:
+            return
+        over = self._rate.over(request.client, request.received_at / 1000)
+        if over is None:
+            return
+        if self.rate_limit:
+            raise GatewayError("rate_limited", "production's rate limit: %s; wait for the next "
+                               "minute" % over)
+        request.add_note("rate_limit", over)
 
     def _check_token(self, authorization):
         """Step 2: exactly "Bearer <token>", compared in constant time."""
@@ -1825,8 +2344,8 @@ class EventGateway:
         Callers skip it while nothing is queued; O(1) when no queued fault names
         this route.  A "before" fault answers
         now; an "after" one is kept on the request for _answer(); "slow" waits."""
-        path = request.path
-        if path not in EVENT_ROUTES:
+        path = EVENT_ACTIONS.get(request.route)     # a thing-scoped route strikes as its action
+        if path is None:
             return
         with self._faults_lock:
             if not (self._fault_routes[path] or self._fault_routes["*"]):
@@ -1878,25 +2397,38 @@ class EventGateway:
 
     def _event_request(self, route, request):
         doc = request.doc
-        # 8. Unknown fields, every one named.
+        line = self.line
+        # 8. Unknown fields: refused, every one named, or (line 1.3) ignored and noted.
         if not EVENT_FIELDS.issuperset(doc):
-            _reject_unknown(doc, EVENT_FIELDS)
-        # 9. Fields forbidden on this route (event_id on create even as null).
+            if not line.ignore_unknown_fields:
+                _reject_unknown(doc, EVENT_FIELDS)
+            unknown = doc.keys() - EVENT_FIELDS
+            request.add_note("ignored_fields", tuple(sorted(unknown)), line.name)
+            doc = {key: value for key, value in doc.items() if key not in unknown}
+        # 8a. A thing-scoped route (line 1.3): the path's thing, and the body's must agree.
+        path_thing = None
+        if request.segment is not None:
+            path_thing = self._path_thing(request.segment, doc)
+        # 9. Fields forbidden on this route (event_id on create even as null; in line
+        #    1.3 ended_at on create and update even as null).
         for field, code in FORBIDDEN_FIELDS[route]:
-            if doc.get(field) is not None or (route == CREATE and field == "event_id"
-                                              and field in doc):
-                raise GatewayError(code, "%s is not allowed on %s" % (field, route))
+            if doc.get(field) is not None or (field in doc and (
+                    (route == CREATE and field == "event_id")
+                    or (field == "ended_at" and line.refuse_null_ended_at))):
+                raise GatewayError(code, "%s is not allowed on %s%s" % (
+                    field, route, "" if doc.get(field) is not None else " (not even as null)"))
         # 10. Channel credentials.
         channel_id = request.channel_id = self._authenticate_channel(doc, request)
-        # 11. Required fields.
+        # 11. Required fields: the first missing one's code, every missing one named.
+        missing = []
         if route != CREATE and _is_blank(doc.get("event_id")):
-            raise GatewayError("event_id_required", _required(["event_id"]))
+            missing.append(("event_id", "event_id_required"))
         names, code = REQUIRED_FIELDS[route]
-        missing = [name for name in names if _is_blank(doc.get(name))]
-        if missing:
-            raise GatewayError(code, _required(missing))
+        missing.extend((name, code) for name in names if _is_blank(doc.get(name)))
         if _is_blank(doc.get("event_time")):
-            raise GatewayError("event_time_required", _required(["event_time"]))
+            missing.append(("event_time", "event_time_required"))
+        if missing:
+            raise GatewayError(missing[0][1], _required([name for name, _ in missing]))
         # 12. Field rules, in the order of FIELD_RULES.
         fields = {}
         for name, check in FIELD_RULES:
@@ -1910,12 +2442,32 @@ class EventGateway:
             value = check(value)
             if value is not None:
                 fields[name] = value
+        if path_thing is not None:
+            fields["thing_id"] = path_thing
         # 13-16 happen under the store's lock.
         op_id = fields.pop("op_id", None)
-        digest = None if op_id is None else _request_digest(route, doc)
-        body, request.op_id, request.event_id = self.store.dispatch(
+        digest = None if op_id is None else _request_digest(route, path_thing, doc)
+        body, request.op_id, request.event_id, seq, replayed = self.store.dispatch(
             route, channel_id, op_id, digest, fields, request.received_at)
+        if replayed:
+            request.add_note("replay", seq)
+        else:
+            request.seq = seq
         return body
+
+    @staticmethod
+    def _path_thing(segment, doc):
+        """Step 8a: the thing named in a thing-scoped route's path, by the thing_id
+        rule; a body thing_id that differs from it is refused."""
+        if _is_blank(segment):
+            raise GatewayError("invalid_thing_id", "the path's thing_id is blank; send "
+                               "/thing/{thing_id}/event/... with a thing_id")
+        path_thing = check_thing_id(segment)
+        body_thing = doc.get("thing_id")
+        if isinstance(body_thing, str) and body_thing.strip() and body_thing.strip() != path_thing:
+            raise GatewayError("thing_id_mismatch", "the body's thing_id differs from the "
+                               "path's; leave it out or send the same thing_id", status=400)
+        return path_thing
 
     def _credentials(self, doc):
         """Step 10: channel_id then password, each required and well-formed."""
@@ -1927,14 +2479,22 @@ class EventGateway:
         return channel_id, check_password(doc["password"])
 
     def _authenticate_channel(self, doc, request):
+        """Step 10's lookup: an unknown channel is 404, a known one with another
+        password 403, as production tells them apart."""
         channel_id, password = self._credentials(doc)
         expected = self._channels.get(channel_id)
-        # Unknown channel and wrong password are one answer, the same path: no oracle.
+        # Both cases compare a password, so that they take the same time.
         matches = _same_secret(password, _DUMMY_PASSWORD if expected is None else expected)
-        if expected is None or not matches:
-            if expected is not None:
-                request.note = "the channel exists; the password differs"
-            raise GatewayError("channel_not_found", "no channel with this channel_id and password")
+        if expected is None:
+            with self._channels_lock:
+                known = list(itertools.islice(self._channels, 3))
+            request.add_note("unknown_channel", channel_id,
+                             ", ".join(known) + (", ..." if len(self._channels) > 3 else "")
+                             if known else "none")
+            raise GatewayError("channel_not_found", "no channel with this channel_id is "
+                               "registered; register it or use a registered one")
+        if not matches:
+            raise GatewayError("password_mismatch", "password does not match this channel's")
         return _shared_label(channel_id)    # stored with each event: one copy, not one per event
 
     # -- liveness, the page and the test-support routes ------------------------------
@@ -1960,8 +2520,28 @@ class EventGateway:
         return {"events": self._listing(request, EVENT_FILTERS, _event_filters, self.store,
                                         _event_view)}
 
+    def _route_send_status(self, request):
+        # The op_id is checked right after step 3; only the gateway token guards this
+        # route (no channel password, as in production), and no rate limit counts it.
+        found = self.send_status(request.segment)
+        if found is None:
+            raise GatewayError("send_status_not_found", "no accepted dispatch with this op_id "
+                               "(unknown, dropped, or older than %d days)"
+                               % (SEND_STATUS_RETENTION_MS // 86400000))
+        return found
+
+    def _route_admin_send_status(self, request):
+        _reject_unknown(request.doc, ADMIN_SEND_STATUS_FIELDS)
+        found = self.set_send_status(request.segment, request.doc.get("status"))
+        if found is None:
+            raise GatewayError("send_status_not_found", "no accepted dispatch with this op_id")
+        return found
+
+    def _route_admin_info(self, request):
+        return self.info()
+
     def _route_admin_event_get(self, request):
-        event = self.event(_admin_event_id(request.path))
+        event = self.event(request.segment)
         if event is None:
             raise GatewayError("event_not_found", "no event with this event_id")
         return event
@@ -1995,6 +2575,35 @@ class EventGateway:
 
     def _route_admin_faults_delete(self, request):
         return {"cleared": self.clear_faults()}
+
+
+# What production 1.3 no longer checks, for the note on a refusal that it would
+# have let through (Line.lenient_codes): this gateway keeps the page's rules.
+_LENIENT_RULES = MappingProxyType({
+    "invalid_status": "status", "invalid_message": "message", "invalid_severity": "severity",
+    "invalid_tags": "tags", "invalid_images": "images", "invalid_attrs": "attrs",
+    "extension_object_arrays_unsupported": "attrs",
+    "extension_object_nested_object_unsupported": "attrs",
+    "extension_object_key_required": "attrs",
+    "started_at_forbidden_on_close": "started_at on close (it ignores it)",
+    "event_temporal_fields_forbidden_on_update": "started_at on update (it ignores it)",
+    "event_create_required_fields_missing": "status, message and severity for presence",
+    "event_update_required_fields_missing": "status, message and severity for presence",
+})
+
+
+def _lenient_rule(code, doc):
+    """What the line's production would not have checked in this refusal, or None
+    when it would have refused the request too."""
+    if code.endswith("_required_fields_missing"):
+        if _is_blank(doc.get("event_time")):
+            return None                     # production refuses a missing event_time
+        if code.startswith("event_update") or not _is_blank(doc.get("title")):
+            return _LENIENT_RULES[code]     # only status, message or severity are missing
+        return None
+    if code == "event_temporal_fields_forbidden_on_update" and "ended_at" in doc:
+        return None                         # ended_at is refused by production too
+    return _LENIENT_RULES[code]
 
 
 def _raise(code, message):
@@ -2183,7 +2792,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         dict of lower-cased names; a repeated name's values are joined with ", "
         as RFC 9110 §5.3 allows.  Then keep-alive and Expect are decided.
         """
-        self.command, self.headers = None, {}
+        self.command, self.path, self.headers = None, "", {}
         self.request_version = "HTTP/1.1"     # what an answer sent before the version says
         self.close_connection = True
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
@@ -2192,10 +2801,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(400)
             return False
         method, target, version = words
+        self.command, self.path = method, target     # a refusal's journal entry shows them
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             self.send_error(505 if _HTTP_VERSION.fullmatch(version) else 400)
             return False
-        self.command, self.path, self.request_version = method, target, version
+        self.request_version = version
         headers = self.headers = {}
         head_bytes = 0
         for _ in range(MAX_HEADER_LINES + 1):
@@ -2259,7 +2869,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Refuse before reading (413, or whatever comes first of steps 1-5); the
             # unread body makes the connection unusable.  Any smaller body is read,
             # and handle() runs the same steps with it.
-            refusal = gateway.check_head(self.command, self.path, headers)
+            refusal = gateway.check_head(self.command, self.path, headers, self.client_address[0])
             if refusal is not None:
                 self.close_connection = True
                 self._send(refusal)
@@ -2281,7 +2891,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if body is not None and len(body) > MAX_BODY_BYTES:
             self.close_connection = True    # the rest of a chunked body is left unread
-        self._send(gateway._handle_lowered(self.command, self.path, headers, body))
+        self._send(gateway._handle_lowered(self.command, self.path, headers, body,
+                                           self.client_address[0]))
 
     # The methods the routes take, found without a call to __getattr__.
     do_GET = do_HEAD = do_POST = do_DELETE = _serve
@@ -2311,7 +2922,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_expect_100(self):
         # Refuse before the client sends the body (curl sends Expect for bodies over 1 KiB).
-        refusal = self.server.gateway.check_head(self.command, self.path, self.headers)
+        refusal = self.server.gateway.check_head(self.command, self.path, self.headers,
+                                                 self.client_address[0])
         if refusal is None:
             return super().handle_expect_100()
         self.close_connection = True
@@ -2436,6 +3048,7 @@ def make_server(gateway, host=DEFAULT_HOST, port=DEFAULT_PORT, idle_timeout=IDLE
     server.url = "http://%s:%d/" % ("[%s]" % bound_host if ":" in bound_host else bound_host,
                                     bound_port)
     gateway.stop_waiting(False)
+    gateway.idle_timeout_s = idle_timeout
     return server
 
 
@@ -2557,6 +3170,15 @@ def build_parser():
                              "(default %%(default)s, at most %d)" % MAX_IDLE_TIMEOUT_S)
     parser.add_argument("--seed", type=_int_option, default=0,
                         help="seed of the faults' probability draws (default %(default)s)")
+    parser.add_argument("--gateway-version", choices=tuple(LINES), default=DEFAULT_LINE,
+                        help="the production line to answer as: 1.2 (v1.2.9) or 1.3 (v1.3.0-"
+                             "v1.3.3, with thing-scoped routes and /send_status) "
+                             "(default %(default)s)")
+    parser.add_argument("--rate-limit", action="store_true",
+                        help="line 1.3 without a token: answer production's rate limit "
+                             "(%d requests per client IP, %d in all, per minute) with 429 "
+                             "rate_limited; without it, the journal only notes the excess"
+                             % (RATE_LIMIT_PER_IP, RATE_LIMIT_TOTAL))
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
@@ -2618,9 +3240,13 @@ def main(argv=None):
                               or any(c.isspace() for c in token)):
         parser.error("the token must be 1-%d characters with no spaces" % MAX_TOKEN_CHARS)
     channels = _parse_channels(parser, args.channel)
+    if args.rate_limit and (LINES[args.gateway_version].rate_limit is None or token):
+        parser.error("--rate-limit goes with --gateway-version 1.3 and no token: production "
+                     "limits only requests without a gateway token")
     gateway = EventGateway(token=token, channels=channels, max_events=args.max_events,
                            max_history=args.max_history, max_requests=args.max_requests,
-                           seed=args.seed, log=None if args.quiet else sys.stderr)
+                           seed=args.seed, log=None if args.quiet else sys.stderr,
+                           gateway_version=args.gateway_version, rate_limit=args.rate_limit)
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
     except socket.gaierror as error:
@@ -2646,9 +3272,10 @@ def main(argv=None):
         page = ("open it in a browser to watch" if server.server_port not in BROWSER_REFUSED_PORTS
                 else "browsers refuse port %d, so for the live page start with --port 8666"
                 % server.server_port)
-        print("event_gateway: listening on %s (auth %s; channels: %s); %s; Ctrl-C to stop"
-              % (server.url, "on" if token else "off", ", ".join(gateway.channel_ids()), page),
-              flush=True)
+        print("event_gateway %s: listening on %s as production %s (auth %s; channels: %s); "
+              "%s; Ctrl-C to stop" % (__version__, server.url, gateway.line.name,
+                                      "on" if token else "off",
+                                      ", ".join(gateway.channel_ids()), page), flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:

@@ -147,20 +147,65 @@ def call(gw, method, path, body=None, headers=None):
     return status, {k.lower(): v for k, v in response_headers}, envelope
 
 
+# The category and retryable of every error code, as the contract's table of the
+# response envelope states them (not read from the module, so that the two are compared).
+CATEGORY_ROWS = [
+    ("validation", False, [code for code, status in eg.ERRORS.items()
+                           if status in (400, 405, 411, 413, 414, 431, 505)]),
+    ("auth", False, ["authentication_failed"]),
+    ("conflict", False, ["password_mismatch", "op_id_conflict", "op_id_payload_conflict",
+                         "event_closed", "thing_id_mismatch", "too_many_channels",
+                         "too_many_faults"]),
+    ("not_found", False, ["route_not_found", "channel_not_found", "event_not_found",
+                          "send_status_not_found"]),
+    ("rate_limit", True, ["rate_limited"]),
+    ("too_busy", True, ["server_busy"]),
+    ("too_busy", False, ["store_full"]),
+    ("internal", True, ["internal_error"]),
+]
+CATEGORY_OF = {code: (category, retryable) for category, retryable, codes in CATEGORY_ROWS
+               for code in codes}
+PROBLEM_KEYS = ["code", "category", "status", "title", "detail", "localized_message", "locale",
+                "retryable", "request_id"]
+
+
+def assert_no_null_keys(value):
+    """Production leaves out every key whose value would be null."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert item is not None, "null key %r" % key
+            assert_no_null_keys(item)
+
+
 def assert_envelope(status, headers, payload):
-    """The envelope: JSON, exactly four keys, success iff 200, an X-Request-Id."""
+    """The envelope in production's form: a success is exactly success and data, an
+    error success, error, error_code and problem; a 405 has no body; every answer
+    an X-Request-Id.  Returns the parsed envelope (None for a 405)."""
     names = {k.lower(): v for k, v in headers}
-    assert names["content-type"] == "application/json"
     assert HEX32.fullmatch(names["x-request-id"])
+    if status == 405:
+        assert payload == b"" and names["allow"], (status, payload)
+        return None
+    assert names["content-type"] == "application/json"
     envelope = json.loads(payload)
-    assert list(envelope) == ["success", "data", "error", "error_code"]
     assert envelope["success"] is (status == 200)
     if status == 200:
-        assert envelope["error"] is None and envelope["error_code"] is None
-    else:
-        assert envelope["data"] is None
-        assert isinstance(envelope["error"], str) and envelope["error"]
-        assert eg.ERRORS[envelope["error_code"]] == status
+        assert list(envelope) == ["success", "data"]
+        return envelope
+    assert list(envelope) == ["success", "error", "error_code", "problem"], envelope
+    code, message = envelope["error_code"], envelope["error"]
+    assert isinstance(message, str) and message
+    assert eg.ERRORS[code] == status or (code, status) == ("thing_id_mismatch", 400)
+    problem = envelope["problem"]
+    keys = PROBLEM_KEYS if code != "route_not_found" else PROBLEM_KEYS[:-1]
+    assert list(problem) == keys, problem
+    assert (problem["code"], problem["status"], problem["detail"]) == (code, status, message)
+    assert (problem["category"], problem["retryable"]) == CATEGORY_OF[code]
+    assert names["content-language"] == problem["locale"]
+    if code != "route_not_found":
+        assert problem["request_id"] == names["x-request-id"]
+    assert problem["title"] and problem["localized_message"]
+    assert_no_null_keys(envelope)
     return envelope
 
 
@@ -184,7 +229,10 @@ def body_for(gw, route, changes):
 
 def assert_error(result, status, code, *words):
     got_status, _, envelope = result
-    assert (got_status, envelope["error_code"]) == (status, code), envelope
+    if status == 405:
+        assert (got_status, envelope) == (405, None)     # production's 405 has no body
+        return
+    assert (got_status, envelope and envelope["error_code"]) == (status, code), envelope
     for word in words:
         assert word in envelope["error"], envelope["error"]
 
@@ -200,6 +248,9 @@ class RemoteGateway:
     def __init__(self, url, token):
         self.url, self.token = url, token
         self.internal_errors = []
+        status, _, payload = self.handle("GET", "/__admin/info", {}, None)
+        version = json.loads(payload)["data"]["gateway_version"] if status == 200 else None
+        self.line = eg.LINES.get(version, eg.LINES[eg.DEFAULT_LINE])
 
     def handle(self, method, path, headers, body):
         headers = dict(headers)
@@ -230,18 +281,66 @@ class RemoteGateway:
                     "only what goes over HTTP" % name)
 
 
-@pytest.fixture
-def gw():
-    """A fresh gateway with the example channel and the two password-limit channels."""
-    if REMOTE_URL:
-        remote = RemoteGateway(REMOTE_URL, REMOTE_TOKEN)
-        remote.reset()
-        return remote
-    gateway = eg.EventGateway(clock=Clock())
+def make_gateway(line=eg.DEFAULT_LINE, **options):
+    """A fresh in-process gateway of line with the example channel and the two
+    password-limit channels."""
+    gateway = eg.EventGateway(clock=Clock(), gateway_version=line, **options)
     gateway.register_channel(CHANNEL_8, "p" * 8)
     gateway.register_channel(CHANNEL_128, "p" * 128)
     gateway.register_channel(OTHER_CHANNEL, "other-pass")
     return gateway
+
+
+@pytest.fixture
+def gw():
+    """A fresh gateway of the default line (in conformance mode: the server)."""
+    if REMOTE_URL:
+        remote = RemoteGateway(REMOTE_URL, REMOTE_TOKEN)
+        remote.reset()
+        return remote
+    return make_gateway()
+
+
+@pytest.fixture(params=list(eg.LINES), ids=lambda line: "line-" + line)
+def gw_line(request):
+    """A fresh gateway of each production line in turn (in conformance mode: the
+    server, for the line it runs as)."""
+    if REMOTE_URL:
+        remote = RemoteGateway(REMOTE_URL, REMOTE_TOKEN)
+        if remote.line.name != request.param:
+            pytest.skip("the server at EVENT_GATEWAY_URL runs line %s" % remote.line.name)
+        remote.reset()
+        return remote
+    return make_gateway(request.param)
+
+
+# The code of an op_id reused with another body, in each line (V6).
+CONFLICT_CODE = {"1.2": "op_id_conflict", "1.3": "op_id_payload_conflict"}
+
+# What each line answers to an accepted dispatch (the contract's table of lines, V3, V4).
+SUCCESS_KEYS = {"1.2": ["channel_id", "op_id", "event_id", "thing_id", "accepted"],
+                "1.3": ["op_id", "event_id"]}
+GENERATED_OP_ID = {"1.2": re.compile(r"[0-9a-f]{32}"),
+                   "1.3": re.compile(r"[0-9a-f]{13}-[0-9a-f]{32}")}
+
+
+def assert_accepted(gw, result, thing_id=None, channel_id=CHANNEL, op_id=None):
+    """A 200 to a dispatch, with exactly the data of gw's line; returns the data."""
+    status, _, envelope = result
+    assert status == 200, envelope
+    data = envelope["data"]
+    line = gw.line.name
+    assert list(data) == [key for key in SUCCESS_KEYS[line]
+                          if key != "thing_id" or thing_id is not None], data
+    assert HEX32.fullmatch(data["event_id"])
+    if op_id is None:
+        assert GENERATED_OP_ID[line].fullmatch(data["op_id"]), data
+    else:
+        assert data["op_id"] == op_id
+    expected = {"channel_id": channel_id, "thing_id": thing_id, "accepted": True}
+    assert {key: data[key] for key in data if key in expected} == {
+        key: expected[key] for key in data if key in expected}
+    return data
 
 
 @pytest.fixture
@@ -288,8 +387,7 @@ def test_unknown_path_is_404(gw, path):
 
 
 def test_query_string_is_ignored_on_event_routes(gw):
-    status, _, envelope = post(gw, eg.CREATE + "?x=1", valid_body(eg.CREATE))
-    assert status == 200 and envelope["data"]["accepted"] is True
+    assert_accepted(gw, post(gw, eg.CREATE + "?x=1", valid_body(eg.CREATE)))
 
 
 # Request processing order ####################################################
@@ -323,19 +421,35 @@ def test_processing_order_of_transport_steps(gw_auth, method, path, headers, bod
 
 # Body-level competitions: changes applied to a valid body of the route.
 BODY_ORDER_CASES = [
-    pytest.param(eg.CREATE, {"foo": 1, "event_id": "x"}, "invalid_json_data", "`foo`",
-                 id="unknown-before-forbidden"),
-    pytest.param(eg.CREATE, {"zeta": 1, "beta": 2}, "invalid_json_data", "`beta`",
-                 id="first-unknown-in-sorted-order"),
-    pytest.param(eg.CREATE, {"foo": None}, "invalid_json_data", "`foo`", id="unknown-even-if-null"),
+    # Line 1.2 refuses unknown fields (step 8); line 1.3 ignores them (V5).
+    pytest.param(eg.CREATE, {"foo": 1, "event_id": "x"},
+                 {"1.2": ("invalid_json_data", "`foo`"),
+                  "1.3": ("event_id_forbidden_on_create", "event_id")},
+                 None, id="unknown-before-forbidden"),
+    pytest.param(eg.CREATE, {"zeta": 1, "beta": 2, "channel_id": DROP},
+                 {"1.2": ("invalid_json_data", "`beta`"),
+                  "1.3": ("channel_id_required", "channel_id")},
+                 None, id="first-unknown-in-sorted-order"),
+    pytest.param(eg.CREATE, {"foo": None, "password": DROP},
+                 {"1.2": ("invalid_json_data", "`foo`"), "1.3": ("password_required", "password")},
+                 None, id="unknown-even-if-null"),
     pytest.param(eg.CREATE, {"event_id": "x", "ended_at": 1, "channel_id": DROP},
                  "event_id_forbidden_on_create", "event_id", id="forbidden-before-channel"),
     pytest.param(eg.CREATE, {"event_id": "", "ended_at": 1}, "event_id_forbidden_on_create",
                  "event_id", id="forbidden-even-if-empty-string"),
     pytest.param(eg.CREATE, {"event_id": None, "ended_at": 1}, "event_id_forbidden_on_create",
                  "event_id", id="event-id-null-is-forbidden-on-create"),
-    pytest.param(eg.CREATE, {"ended_at": None, "channel_id": DROP}, "channel_id_required",
-                 "channel_id", id="forbidden-null-is-absent"),
+    # ended_at: null counts as absent in line 1.2; line 1.3 refuses the key (V9).
+    pytest.param(eg.CREATE, {"ended_at": None, "channel_id": DROP},
+                 {"1.2": ("channel_id_required", "channel_id"),
+                  "1.3": ("ended_at_forbidden_on_create", "not even as null")},
+                 None, id="forbidden-null-is-absent-in-1.2"),
+    pytest.param(eg.UPDATE, {"ended_at": None, "password": DROP},
+                 {"1.2": ("password_required", "password"),
+                  "1.3": ("event_temporal_fields_forbidden_on_update", "ended_at")},
+                 None, id="update-ended-at-null-refused-in-1.3"),
+    pytest.param(eg.CLOSE, {"started_at": None, "password": DROP}, "password_required",
+                 "password", id="close-started-at-null-is-absent"),
     pytest.param(eg.CREATE, {"ended_at": 5, "channel_id": DROP}, "ended_at_forbidden_on_create",
                  "ended_at", id="ended-at-on-create-before-credentials"),
     pytest.param(eg.UPDATE, {"started_at": 1}, "event_temporal_fields_forbidden_on_update",
@@ -356,12 +470,18 @@ BODY_ORDER_CASES = [
                  id="password-before-required-fields"),
     pytest.param(eg.CREATE, {"password": " \t"}, "password_required", "password",
                  id="password-blank"),
-    pytest.param(eg.CREATE, {"password": "wrong-password", "title": DROP}, "channel_not_found",
-                 "channel", id="lookup-before-required-fields"),
-    pytest.param(eg.CREATE, {"channel_id": crockford(99)}, "channel_not_found", "channel",
-                 id="unknown-channel-same-answer"),
-    pytest.param(eg.UPDATE, {"event_id": DROP, "status": DROP}, "event_id_required", "event_id",
-                 id="event-id-before-business-fields"),
+    pytest.param(eg.CREATE, {"password": "wrong-password", "title": DROP}, "password_mismatch",
+                 "password", id="lookup-before-required-fields"),
+    pytest.param(eg.CREATE, {"channel_id": crockford(99), "title": DROP}, "channel_not_found",
+                 "channel", id="unknown-channel-before-required-fields"),
+    pytest.param(eg.UPDATE, {"event_id": DROP, "status": DROP}, "event_id_required",
+                 "event_id, status", id="event-id-first-and-every-missing-field-named"),
+    pytest.param(eg.CLOSE, {"event_id": DROP, "event_time": DROP}, "event_id_required",
+                 "missing required fields: event_id, event_time",
+                 id="event-id-and-event-time-in-one-answer"),
+    pytest.param(eg.CREATE, {"title": DROP, "event_time": None},
+                 "event_create_required_fields_missing", "title, event_time",
+                 id="title-and-event-time-in-one-answer"),
     pytest.param(eg.CLOSE, {"event_id": "  "}, "event_id_required", "event_id",
                  id="close-event-id-blank"),
     pytest.param(eg.CREATE, {"title": DROP, "status": None, "message": " ", "severity": DROP,
@@ -385,9 +505,11 @@ BODY_ORDER_CASES = [
 
 
 @pytest.mark.parametrize("route, changes, code, word", BODY_ORDER_CASES)
-def test_processing_order_of_body_steps(gw, route, changes, code, word):
-    body = body_for(gw, route, changes)
-    assert_error(post(gw, route, body), eg.ERRORS[code], code, word)
+def test_processing_order_of_body_steps(gw_line, route, changes, code, word):
+    if isinstance(code, dict):          # the lines differ here
+        code, word = code[gw_line.line.name]
+    body = body_for(gw_line, route, changes)
+    assert_error(post(gw_line, route, body), eg.ERRORS[code], code, word)
 
 
 AUTH_CASES = [
@@ -523,11 +645,15 @@ def test_strict_json(gw, body, code):
 
 
 @pytest.mark.parametrize("digits, code", [
-    pytest.param(4300, "invalid_json_data", id="4300-digits-parse"),     # then: unknown field
-    pytest.param(4301, "invalid_json_syntax", id="4301-digits-do-not"),
+    # It parses; then the next step refuses: line 1.2 the unknown field, 1.3 the missing channel.
+    pytest.param(4300, {"1.2": "invalid_json_data", "1.3": "channel_id_required"},
+                 id="4300-digits-parse"),
+    pytest.param(4301, {"1.2": "invalid_json_syntax", "1.3": "invalid_json_syntax"},
+                 id="4301-digits-do-not"),
 ])
-def test_integer_length_limit(gw, digits, code):
-    assert_error(post(gw, eg.CREATE, b'{"a": ' + b"7" * digits + b"}"), 400, code)
+def test_integer_length_limit(gw_line, digits, code):
+    assert_error(post(gw_line, eg.CREATE, b'{"a": ' + b"7" * digits + b"}"), 400,
+                 code[gw_line.line.name])
 
 
 def test_32_levels_of_nesting_parse(gw):
@@ -550,24 +676,27 @@ def test_paired_surrogate_escape_is_one_character(gw):
 
 # Response envelope ###########################################################
 
-def test_success_envelope_has_the_seed_shape(gw):
-    status, headers, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, started_at=T0,
-                                                                  tags=["db", "replica"]))
-    assert status == 200
-    data = envelope["data"]
-    assert list(data) == ["channel_id", "op_id", "event_id", "thing_id", "accepted"]
-    assert data["channel_id"] == CHANNEL and data["thing_id"] is None and data["accepted"] is True
-    assert HEX32.fullmatch(data["op_id"]) and HEX32.fullmatch(data["event_id"])
+def test_success_has_the_lines_data_and_no_null_key(gw_line):
+    # The seed page shows "error": null, "error_code": null and "thing_id": null;
+    # production leaves every null key out (the Android app reads null as "null").
+    result = post(gw_line, eg.CREATE, valid_body(eg.CREATE, started_at=T0, tags=["db", "replica"]))
+    assert_accepted(gw_line, result)
+    assert_no_null_keys(result[2])
+    assert_accepted(gw_line, post(gw_line, eg.CREATE, valid_body(eg.CREATE, thing_id="db-1")),
+                    thing_id="db-1")
 
 
 @LOCAL_ONLY
+@pytest.mark.parametrize("line", list(eg.LINES))
 @pytest.mark.parametrize("thing_id", [None, "Az09_:-thing"], ids=["no-thing", "thing"])
-def test_dispatch_answer_is_exactly_json_dumps(thing_id):
+def test_dispatch_answer_is_exactly_json_dumps(line, thing_id):
     # The answer to a dispatch is formatted from a template; it must be json.dumps' bytes.
-    data = {"channel_id": CHANNEL, "op_id": "op:1_A-z", "event_id": "e" * 32,
-            "thing_id": thing_id, "accepted": True}
-    expected = json.dumps({"success": True, "data": data, "error": None, "error_code": None})
-    assert eg._dispatch_body(CHANNEL, "op:1_A-z", "e" * 32, thing_id) == expected.encode()
+    values = {"channel_id": CHANNEL, "op_id": "op:1_A-z", "event_id": "e" * 32,
+              "thing_id": thing_id, "accepted": True}
+    data = {key: values[key] for key in SUCCESS_KEYS[line] if values[key] is not None}
+    with_thing, without = eg._dispatch_answers(eg.LINES[line])
+    template = without if thing_id is None else with_thing
+    assert (template % values).encode() == json.dumps({"success": True, "data": data}).encode()
 
 
 def test_request_ids_differ(gw):
@@ -594,7 +723,7 @@ def test_messages_never_echo_the_password(gw):
     secret = "hunter2-secret-password"
     for changes in ({"password": secret}, {"password": secret * 10}, {"password": [secret]}):
         status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, **changes))
-        assert status in (400, 404) and "hunter2" not in envelope["error"]
+        assert status in (400, 403) and "hunter2" not in json.dumps(envelope)
 
 
 # Field rules #################################################################
@@ -792,10 +921,13 @@ FIELD_CASES = [
 
 @pytest.mark.parametrize("route, changes, code", FIELD_CASES)
 def test_field_rule(gw, route, changes, code):
-    status, _, envelope = post(gw, route, body_for(gw, route, changes))
+    body = body_for(gw, route, changes)
+    result = post(gw, route, body)
+    status, _, envelope = result
     if code is None:
-        assert status == 200, envelope
-        assert envelope["data"]["accepted"] is True
+        op_id, thing = (body.get(name) for name in ("op_id", "thing_id"))
+        assert_accepted(gw, result, thing_id=thing.strip() or None if thing else None,
+                        op_id=op_id.strip() or None if op_id else None)
     else:
         assert (status, envelope["error_code"]) == (eg.ERRORS[code], code), envelope
 
@@ -829,10 +961,10 @@ def test_stored_value(gw, changes, field, expected):
     assert event[field] == expected
 
 
-def test_channel_id_is_echoed_in_canonical_form(gw):
-    status, _, envelope = post(gw, eg.CREATE, valid_body(
+def test_channel_id_is_echoed_in_canonical_form(gw_line):
+    result = post(gw_line, eg.CREATE, valid_body(
         eg.CREATE, channel_id=SPACED_CHANNEL.lower().replace("0", "o")))
-    assert status == 200 and envelope["data"]["channel_id"] == CHANNEL
+    assert_accepted(gw_line, result, channel_id=CHANNEL)     # in line 1.2's data
 
 
 @pytest.mark.parametrize("last", list(eg.CROCKFORD_ALPHABET))
@@ -864,10 +996,18 @@ def test_overflowing_number_is_not_finite(gw):
     assert_error(post(gw, eg.CREATE, body), 400, "invalid_attrs")
 
 
-def test_op_id_absent_or_empty_is_generated(gw):
+def test_op_id_absent_or_empty_is_generated(gw_line):
     for op_id in (DROP, "", "   ", None):
-        status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id=op_id))
-        assert status == 200 and HEX32.fullmatch(envelope["data"]["op_id"])
+        assert_accepted(gw_line, post(gw_line, eg.CREATE, valid_body(eg.CREATE, op_id=op_id)))
+
+
+@LOCAL_ONLY
+def test_line_1_3_op_id_starts_with_the_receive_time_in_hex():
+    gateway = make_gateway("1.3")
+    op_id = assert_accepted(gateway, post(gateway, eg.CREATE, valid_body(eg.CREATE)))["op_id"]
+    received_at = gateway.requests()[-1]["received_at"]
+    assert op_id[:14] == "%013x-" % received_at and len(op_id) == 46
+    assert op_id.startswith("001")          # Unix ms today are 11 hex digits, zero-padded
 
 
 @LOCAL_ONLY
@@ -901,7 +1041,7 @@ def test_lifecycle_create_update_close(gw):
     status, _, envelope = post(gw, eg.UPDATE, valid_body(
         eg.UPDATE, event_id=event_id, title="Bigger lag", tags=[], attrs={"lag": 65, "host": None,
                                                                           "o": {"k": None}}))
-    assert status == 200 and envelope["data"]["thing_id"] == "db-1"   # kept and echoed
+    assert status == 200 and gw.event(event_id)["thing_id"] == "db-1"     # kept
     event = gw.event(event_id)
     assert (event["title"], event["status"], event["message"], event["severity"]) == (
         "Bigger lag", "ongoing", "Replica delay > 60s", "critical")
@@ -917,7 +1057,9 @@ def test_lifecycle_create_update_close(gw):
         "closed", (T0 + 120) * 1000, T0 * 1000)
     assert [h["route"] for h in event["history"]] == [eg.CREATE, eg.UPDATE, eg.CLOSE]
     first = event["history"][0]
-    assert list(first) == ["route", "op_id", "event_time", "received_at", "fields", "metadata"]
+    assert list(first) == ["route", "op_id", "event_time", "received_at", "fields", "metadata",
+                           "send_status"]
+    assert first["send_status"] == "sent"            # accepted, and this gateway delivers
     assert first["fields"] == {"title": "Database lag", "status": "ongoing",
                                "message": "Replica delay > 30s", "severity": "high",
                                "tags": ["db"], "attrs": {"lag": 31, "host": "a"}}
@@ -997,14 +1139,18 @@ def test_event_of_another_channel_is_not_found(gw):
     pytest.param("db-1", DROP, 200, id="omitted-keeps-thing"),
     pytest.param("db-1", "", 200, id="empty-is-omitted"),
 ])
-def test_thing_is_fixed_at_create(gw, created_thing, sent_thing, status):
+def test_thing_is_fixed_at_create(gw_line, created_thing, sent_thing, status):
+    gw = gw_line
     event_id = create(gw, thing_id=created_thing)
     result = post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, thing_id=sent_thing))
     if status == 409:
         assert_error(result, 409, "thing_id_mismatch")
         assert gw.event(event_id)["status"] == "ongoing"
     else:
-        assert result[0] == 200 and result[2]["data"]["thing_id"] == created_thing
+        # Line 1.2's data names the request's own thing, as production (which keeps
+        # no store) answers; the event keeps the thing it was created with.
+        assert_accepted(gw, result, thing_id=None if sent_thing is DROP else sent_thing or None)
+        assert gw.event(event_id)["thing_id"] == created_thing
 
 
 @pytest.mark.parametrize("ended_at, event_time, status", [
@@ -1071,11 +1217,12 @@ def test_replayed_update_changes_nothing_even_after_close(gw):
     pytest.param(eg.CREATE, {"op_id": "op-1", "attrs": {"x": True}}, id="true-is-not-1"),
     pytest.param(eg.UPDATE, {}, id="other-route"),
 ])
-def test_same_op_id_different_request_conflicts(gw, second_route, changes):
+def test_same_op_id_different_request_conflicts(gw_line, second_route, changes):
+    gw = gw_line
     first = valid_body(eg.CREATE, op_id="op-1", attrs={"x": 1})
     assert post(gw, eg.CREATE, first)[0] == 200
     second = body_for(gw, second_route, dict({"op_id": "op-1", "attrs": {"x": 1}}, **changes))
-    assert_error(post(gw, second_route, second), 409, "op_id_conflict")
+    assert_error(post(gw, second_route, second), 409, CONFLICT_CODE[gw.line.name])
 
 
 @LOCAL_ONLY
@@ -1091,11 +1238,11 @@ def test_failed_request_does_not_record_its_op_id(gw):
     assert post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-1"))[0] == 200
 
 
-def test_generated_op_id_cannot_be_replayed(gw):
-    _, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE))
+def test_generated_op_id_cannot_be_replayed(gw_line):
+    _, _, envelope = post(gw_line, eg.CREATE, valid_body(eg.CREATE))
     generated = envelope["data"]["op_id"]
-    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, op_id=generated)), 409,
-                 "op_id_conflict")
+    assert_error(post(gw_line, eg.CREATE, valid_body(eg.CREATE, op_id=generated)), 409,
+                 CONFLICT_CODE[gw_line.line.name])
 
 
 def run_threads(count, target):
@@ -1138,7 +1285,7 @@ def test_concurrent_closes_one_wins(gw):
     event_id = create(gw)
     body = json.dumps(valid_body(eg.CLOSE, event_id=event_id)).encode()
     results = run_threads(16, lambda i: gw.handle("POST", eg.CLOSE, JSON_HEADERS, body))
-    codes = sorted(json.loads(payload)["error_code"] or "ok" for _, _, payload in results)
+    codes = sorted(json.loads(payload).get("error_code", "ok") for _, _, payload in results)
     assert codes == ["event_closed"] * 15 + ["ok"]
 
 
@@ -1250,7 +1397,7 @@ def test_admin_channels(gw):
     assert create(gw, channel_id=new, password="new-password")
     post(gw, "/__admin/channels", {"channel_id": new, "password": "changed-password"})
     assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=new,
-                                                password="new-password")), 404, "channel_not_found")
+                                                password="new-password")), 403, "password_mismatch")
     assert "password" not in json.dumps(call(gw, "GET", "/__admin/channels")[2])
 
 
@@ -1629,9 +1776,10 @@ def test_head_on_every_get_route(gw, path):
 
 
 @LOCAL_ONLY
-def test_success_envelope_keeps_the_page_nulls(gw):
-    payload = gw.handle("POST", eg.CREATE, JSON_HEADERS, json.dumps(valid_body(eg.CREATE)).encode())[2]
-    assert b'"thing_id": null' in payload and b'"error": null, "error_code": null' in payload
+def test_success_leaves_the_page_nulls_out(gw_line):
+    payload = gw_line.handle("POST", eg.CREATE, JSON_HEADERS,
+                             json.dumps(valid_body(eg.CREATE)).encode())[2]
+    assert b"null" not in payload and b'"error' not in payload
 
 
 # Bounded and flat: history, listings, channels, faults ##############################
@@ -1753,8 +1901,8 @@ def test_unknown_channel_and_wrong_password_compare_the_same_way(gw, monkeypatch
     compared = []
     real = eg._same_secret
     monkeypatch.setattr(eg, "_same_secret", lambda a, b: compared.append(len(b)) or real(a, b))
-    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass")), 404,
-                 "channel_not_found")
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass")), 403,
+                 "password_mismatch")
     assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=crockford(999))), 404,
                  "channel_not_found")
     assert len(compared) == 2
@@ -1794,9 +1942,11 @@ def test_journal_entry_of_a_create(gw):
                                                 json.dumps(body).encode())
     (entry,) = gw.requests()
     assert list(entry) == ["seq", "received_at", "method", "path", "query", "headers", "body",
-                           "body_bytes", "status", "error_code", "error", "request_id", "op_id",
-                           "event_id", "channel_id", "fault", "note", "duration_ms"]
+                           "body_bytes", "status", "error_code", "error", "response",
+                           "request_id", "op_id", "event_id", "channel_id", "fault", "note",
+                           "duration_ms"]
     data = json.loads(payload)["data"]
+    assert entry["response"] == json.loads(payload)         # the answer, as sent
     assert (entry["method"], entry["path"], entry["query"], entry["status"]) == (
         "POST", eg.CREATE, "debug=1", 200)
     assert entry["headers"] == {"content-type": "application/json",
@@ -1819,15 +1969,20 @@ def test_journal_of_a_refusal_and_a_wrong_password(gw):
     wrong_answer = post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass-1"))
     post(gw, eg.CREATE, valid_body(eg.CREATE, tags=5))
     wrong, refused = gw.requests()
-    assert (wrong["status"], wrong["error_code"]) == (404, "channel_not_found")
-    assert wrong["note"] == "the channel exists; the password differs"
-    assert (refused["error_code"], refused["note"]) == ("invalid_tags", None)
+    assert (wrong["status"], wrong["error_code"]) == (403, "password_mismatch")
+    assert wrong["response"] == wrong_answer[2] and wrong["note"] is None
+    # Production 1.3 no longer checks tags; this gateway keeps the page's rule, and says so.
+    assert refused["error_code"] == "invalid_tags"
+    assert refused["note"] == ("production 1.3 would accept this (it no longer checks tags); "
+                               "this gateway keeps the page's rule")
     assert refused["error"] == "tags must be an array of strings"
-    assert "password differs" in gw.log.getvalue()
     assert "wrong-pass-1" not in gw.log.getvalue() + json.dumps(gw.requests())
+    # An unknown channel: production's 404, and a note naming the registered ids (at most 3).
     unknown = post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=crockford(5)))
-    assert gw.requests()[-1]["note"] is None
-    assert unknown[2] == wrong_answer[2]            # the answer is no oracle: only the note says
+    assert_error(unknown, 404, "channel_not_found")
+    assert gw.requests()[-1]["note"] == "no channel %s is registered; registered: %s, %s, %s, ..." % (
+        crockford(5), CHANNEL, CHANNEL_8, CHANNEL_128)
+    assert "registered: %s" % CHANNEL in gw.log.getvalue()
 
 
 @LOCAL_ONLY
@@ -2065,9 +2220,10 @@ def test_json_syntax_error_gives_line_and_column(gw):
                  "line 2, column")
 
 
-def test_unknown_fields_are_all_listed_with_hints(gw):
+@LOCAL_ONLY
+def test_unknown_fields_are_all_listed_with_hints():
     body = valid_body(eg.CREATE, eventTime=1, zzz=2, Severity="high")
-    assert_error(post(gw, eg.CREATE, body), 400, "invalid_json_data",
+    assert_error(post(make_gateway("1.2"), eg.CREATE, body), 400, "invalid_json_data",
                  "unknown fields `Severity` (did you mean `severity`?), `eventTime` (did you mean "
                  "`event_time`?), `zzz`")
 
@@ -2147,8 +2303,12 @@ def request_head(method, path, length=None, extra=()):
 
 
 def envelope_code(body):
+    """The error_code of an answer read off a socket (None for a success)."""
     envelope = json.loads(body)
-    assert list(envelope) == ["success", "data", "error", "error_code"]
+    if envelope["success"]:
+        assert list(envelope) == ["success", "data"]
+        return None
+    assert list(envelope) == ["success", "error", "error_code", "problem"]
     return envelope["error_code"]
 
 
@@ -2375,8 +2535,7 @@ def test_any_method_gets_the_envelope_405(live, method):
     conn.request(method, eg.CREATE, b"{}", HTTP_HEADERS)
     response = conn.getresponse()
     assert response.status == 405 and response.getheader("Allow") == "POST"
-    assert response.getheader("Content-Type") == "application/json"
-    assert envelope_code(response.read()) == "method_not_allowed"
+    assert response.getheader("Content-Length") == "0" and response.read() == b""
 
 
 def test_head_gets_a_head_without_body(live):
@@ -2531,7 +2690,7 @@ def test_one_log_line_per_request_without_secrets():
     assert len(lines) == 2
     request_id = dict(response_headers)["X-Request-Id"]
     stamp = r"20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9:.]{12}Z "
-    assert re.fullmatch(stamp + r"POST /event/create 200 op_id=[0-9a-f]{32} "
+    assert re.fullmatch(stamp + r"POST /event/create 200 op_id=[0-9a-f]{13}-[0-9a-f]{32} "
                         r"event_id=[0-9a-f]{32} [0-9.]+ms " + request_id, lines[0]), lines[0]
     assert re.fullmatch(stamp + r"GET /nope\\x1b\[31m 404 route_not_found: no route /nope"
                         r"\\x1b\[31m; .* [0-9.]+ms [0-9a-f]{32}", lines[1]), lines[1]
@@ -2745,7 +2904,7 @@ def test_cli_serves_logs_and_stops_cleanly(stop_signal):
         process.send_signal(stop_signal)
         assert process.wait(timeout=10) == 0
     log = process.stderr.read()
-    assert re.search(r"Z POST /event/create 200 op_id=[0-9a-f]{32} event_id=[0-9a-f]{32} "
+    assert re.search(r"Z POST /event/create 200 op_id=[0-9a-f]{13}-[0-9a-f]{32} event_id=[0-9a-f]{32} "
                      r"[0-9.]+ms [0-9a-f]{32}$", log, re.M), log
     assert "cli-t0ken" not in log and "cli-password" not in log and "Traceback" not in log
 
