@@ -1776,6 +1776,9 @@ def _request_filters(path=None, status=None, error_code=None, channel_id=None, a
     for name, value in (("path", path), ("error_code", error_code)):
         if value is not None and not isinstance(value, str):
             raise GatewayError("invalid_filter", "%s filter must be a string" % name)
+    if path is not None and not path.startswith("/"):
+        raise GatewayError("invalid_filter", "path filter must start with / (a path such as "
+                           "/event/create); this one does not")
     return {"path": path, "error_code": error_code,
             "status": None if status is None else _whole_number("status", status, 100, 599, text=True),
             "channel_id": None if channel_id is None else _channel_filter(channel_id),

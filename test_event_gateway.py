@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -349,6 +350,418 @@ def gw_auth():
     if REMOTE_URL:
         pytest.skip("needs a gateway whose token the test chooses")
     return eg.EventGateway(token="s3cret-token", clock=Clock())
+
+
+# Production lines ############################################################
+
+class ManualClock:
+    """A clock the test sets: returns now, in Unix seconds."""
+
+    def __init__(self, now=1800000000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def line_gateway(line, **options):
+    """An in-process gateway of line whose clock the test sets (gateway.clock.now)."""
+    return make_gateway(line, **options) if "clock" in options else eg.EventGateway(
+        clock=ManualClock(), gateway_version=line, **options)
+
+
+# Every row of the contract's table of lines, as what a client sees in each line:
+# (request, what line 1.2 answers, what line 1.3 answers); an answer is a status
+# and an error code (None for a success).
+def _thing_create(gw):
+    return post(gw, "/thing/db-1/event/create", valid_body(eg.CREATE))
+
+
+def _send_status(gw):
+    op_id = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-s"))[2]["data"]["op_id"]
+    return call(gw, "GET", "/send_status/" + op_id)
+
+
+def _unknown_field(gw):
+    return post(gw, eg.CREATE, valid_body(eg.CREATE, source="ci"))
+
+
+def _conflict(gw):
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-c"))
+    return post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-c", title="other"))
+
+
+def _ended_at_null(gw):
+    return post(gw, eg.UPDATE, body_for(gw, eg.UPDATE, {"ended_at": None}))
+
+
+LINE_ROWS = [
+    pytest.param(_thing_create, (404, "route_not_found"), (200, None), id="V1-thing-routes"),
+    pytest.param(_send_status, (404, "route_not_found"), (200, None), id="V2-send-status"),
+    pytest.param(_unknown_field, (400, "invalid_json_data"), (200, None), id="V5-unknown-fields"),
+    pytest.param(_conflict, (409, "op_id_conflict"), (409, "op_id_payload_conflict"),
+                 id="V6-conflict-code"),
+    pytest.param(_ended_at_null, (200, None), (400, "event_temporal_fields_forbidden_on_update"),
+                 id="V9-ended-at-null"),
+]
+
+
+@pytest.mark.parametrize("send, answer_1_2, answer_1_3", LINE_ROWS)
+def test_each_row_of_the_lines_table(gw_line, send, answer_1_2, answer_1_3):
+    status, _, envelope = send(gw_line)
+    expected = {"1.2": answer_1_2, "1.3": answer_1_3}[gw_line.line.name]
+    assert (status, envelope["error_code"] if status != 200 else None) == expected, envelope
+
+
+@LOCAL_ONLY
+def test_lines_differ_in_their_success_data_and_locales():
+    for line in ("1.2", "1.3"):
+        gateway = make_gateway(line)
+        assert_accepted(gateway, post(gateway, eg.CREATE, valid_body(eg.CREATE)))    # V3, V4
+    assert eg.LINES["1.2"].locales == ("en", "zh-CN")                                 # V7
+    assert eg.LINES["1.3"].locales == ("en", "zh-CN", "zh-TW")
+
+
+@LOCAL_ONLY
+def test_the_steps_read_the_lines_table_not_the_version():
+    # One record per line, one field per row: no step may test the version itself.
+    source = open(SCRIPT, encoding="utf-8").read()
+    assert not re.search(r"""(version|line(\.name)?) *[!=]= *["']1\.[23]["']""", source)
+    assert set(eg.LINES) == {"1.2", "1.3"} and eg.DEFAULT_LINE == "1.3"
+    assert [field for field in eg.Line._fields if getattr(eg.LINES["1.2"], field)
+            == getattr(eg.LINES["1.3"], field)] == []
+
+
+@LOCAL_ONLY
+def test_unknown_gateway_version_is_refused():
+    with pytest.raises(ValueError, match="gateway_version"):
+        eg.EventGateway(gateway_version="1.4")
+
+
+# Thing-scoped routes (line 1.3) ################################################
+
+@LOCAL_ONLY
+def test_thing_scoped_create_stores_the_paths_thing():
+    gw = make_gateway("1.3")
+    data = assert_accepted(gw, post(gw, "/thing/db-1/event/create", valid_body(eg.CREATE)))
+    event = gw.event(data["event_id"])
+    assert event["thing_id"] == "db-1" and event["history"][0]["route"] == eg.CREATE
+    assert event["history"][0]["fields"]["status"] == "ongoing"
+    assert gw.requests()[-1]["path"] == "/thing/db-1/event/create"     # as requested
+    update = valid_body(eg.UPDATE, event_id=data["event_id"])
+    assert_accepted(gw, post(gw, "/thing/db-1/event/update", update))
+    assert_error(post(gw, "/thing/db-2/event/update", update), 409, "thing_id_mismatch")
+
+
+def test_ios_apps_thing_scoped_close(gw_line):
+    # The official iOS app closes a thing's event with event_time in seconds, attrs: {}
+    # and an op_id of 32 hex digits.
+    if gw_line.line.name == "1.2":
+        assert_error(post(gw_line, "/thing/db-1/event/close", valid_body(eg.CLOSE)), 404,
+                     "route_not_found")
+        return
+    event_id = assert_accepted(gw_line, post(gw_line, "/thing/db-1/event/create",
+                                             valid_body(eg.CREATE)))["event_id"]
+    op_id = "0123456789abcdef0123456789abcdef"
+    body = valid_body(eg.CLOSE, event_id=event_id, event_time=T0 + 300, attrs={}, op_id=op_id)
+    assert_accepted(gw_line, post(gw_line, "/thing/db-1/event/close", body), op_id=op_id)
+
+
+@pytest.mark.parametrize("path, body_thing, status, code", [
+    pytest.param("/thing/db-1/event/create", "db-1", 200, None, id="same-thing-in-body"),
+    pytest.param("/thing/db-1/event/create", " db-1 ", 200, None, id="body-thing-trimmed"),
+    pytest.param("/thing/db-1/event/create", "", 200, None, id="empty-body-thing-is-absent"),
+    pytest.param("/thing/db-1/event/create", "db-2", 400, "thing_id_mismatch", id="body-differs"),
+    pytest.param("/thing/%20/event/create", DROP, 400, "invalid_thing_id", id="blank-segment"),
+    pytest.param("/thing/a%2Fb/event/create", DROP, 400, "invalid_thing_id",
+                 id="decoded-slash-breaks-the-rule"),
+    pytest.param("/thing/%64b-1/event/create", DROP, 200, None, id="percent-decoded"),
+    pytest.param("/thing/" + "t" * 64 + "/event/create", DROP, 200, None, id="64-chars"),
+    pytest.param("/thing/" + "t" * 65 + "/event/create", DROP, 400, "invalid_thing_id",
+                 id="65-chars"),
+    pytest.param("/thing//event/create", DROP, 404, "route_not_found", id="empty-segment"),
+    pytest.param("/thing/a/b/event/create", DROP, 404, "route_not_found", id="two-segments"),
+])
+def test_thing_scoped_path_rules(path, body_thing, status, code):
+    if REMOTE_URL:
+        pytest.skip("needs a line 1.3 gateway of its own")
+    gw = make_gateway("1.3")
+    result = post(gw, path, valid_body(eg.CREATE, thing_id=body_thing))
+    if code is None:
+        data = assert_accepted(gw, result)
+        assert gw.event(data["event_id"])["thing_id"] == urllib.parse.unquote(
+            path.split("/")[2])
+    else:
+        assert_error(result, status, code)
+
+
+@LOCAL_ONLY
+def test_thing_scoped_checks_run_before_the_credentials():
+    gw = make_gateway("1.3")
+    body = valid_body(eg.CREATE, thing_id="db-2", password="wrong-pass-1")
+    assert_error(post(gw, "/thing/db-1/event/create", body), 400, "thing_id_mismatch", "path")
+    assert_error(call(gw, "GET", "/thing/db-1/event/create"), 405, "method_not_allowed")
+
+
+@LOCAL_ONLY
+def test_a_fault_named_by_its_action_strikes_the_thing_scoped_route():
+    gw = make_gateway("1.3")
+    gw.add_fault(eg.CREATE, 503)
+    assert_error(post(gw, "/thing/db-1/event/create", valid_body(eg.CREATE)), 503, "server_busy")
+    assert gw.faults() == []
+
+
+@LOCAL_ONLY
+def test_path_thing_and_body_thing_are_different_requests_for_op_ids():
+    gw = make_gateway("1.3")
+    assert post(gw, "/thing/A/event/create", valid_body(eg.CREATE, op_id="op-t"))[0] == 200
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-t", thing_id="A")), 409,
+                 "op_id_payload_conflict")
+
+
+# Send status ######################################################################
+
+@LOCAL_ONLY
+def test_send_status_walks_through_every_state():
+    gw = line_gateway("1.3")
+    now = int(gw.clock.now * 1000)
+    op_id = assert_accepted(gw, post(gw, eg.CREATE, valid_body(eg.CREATE)))["op_id"]
+    status, _, envelope = call(gw, "GET", "/send_status/" + op_id)
+    assert (status, envelope["data"]) == (200, {
+        "op_id": op_id, "status": "sent", "model": "event",
+        "entity_id": gw.events()[0]["event_id"], "accepted_at": now, "updated_at": now,
+        "expires_at": now + 30 * 86400 * 1000})
+    for state in eg.SEND_STATUSES:
+        gw.clock.now += 1
+        status, _, envelope = post(gw, "/__admin/send_status/" + op_id, {"status": state})
+        assert (status, envelope["data"]["status"]) == (200, state)
+        shown = call(gw, "GET", "/send_status/" + op_id)[2]["data"]
+        assert (shown["status"], shown["updated_at"]) == (state, int(gw.clock.now * 1000))
+        assert gw.events()[0]["history"][0]["send_status"] == state
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("target, body, status, code", [
+    pytest.param("/send_status/nope", None, 404, "send_status_not_found", id="unknown"),
+    pytest.param("/send_status/bad%20id", None, 400, "invalid_op_id", id="malformed"),
+    pytest.param("/send_status/" + "o" * 129, None, 400, "invalid_op_id", id="129-chars"),
+    pytest.param("/send_status/", None, 404, "route_not_found", id="empty"),
+    pytest.param("/__admin/send_status/nope", {"status": "sent"}, 404, "send_status_not_found",
+                 id="admin-unknown"),
+    pytest.param("/__admin/send_status/op-1", {"status": "lost"}, 400, "invalid_filter",
+                 id="admin-bad-status"),
+    pytest.param("/__admin/send_status/op-1", {"status": "sent", "x": 1}, 400,
+                 "invalid_json_data", id="admin-unknown-field"),
+])
+def test_send_status_refusals(target, body, status, code):
+    gw = make_gateway("1.3")
+    create(gw, op_id="op-1")
+    result = post(gw, target, body) if body is not None else call(gw, "GET", target)
+    assert_error(result, status, code)
+
+
+@LOCAL_ONLY
+def test_send_status_goes_with_its_dispatch():
+    # The history bound drops the oldest update, eviction drops a closed event,
+    # expiry ends it after 30 days, and a reset drops everything.
+    gw = eg.EventGateway(clock=ManualClock(), max_history=2, max_events=1)
+    event_id = create(gw, op_id="op-c")
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, op_id="op-u1"))
+    assert gw.send_status("op-u1")["status"] == "sent"
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, op_id="op-u2"))
+    assert gw.send_status("op-u1") is None and gw.send_status("op-u2") is not None
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, op_id="op-x"))
+    create(gw, op_id="op-next")                       # evicts the closed event
+    assert [gw.send_status(op) for op in ("op-c", "op-u2", "op-x")] == [None] * 3
+    assert_error(call(gw, "GET", "/send_status/op-x"), 404, "send_status_not_found")
+    gw.clock.now += 30 * 86400 - 1
+    assert gw.send_status("op-next") is not None
+    gw.clock.now += 1
+    assert gw.send_status("op-next") is None          # expired: accepted_at + 30 days
+    gw.clock.now -= 1
+    gw.reset()
+    assert gw.send_status("op-next") is None
+
+
+@LOCAL_ONLY
+def test_send_status_needs_only_the_token_and_is_not_rate_limited():
+    gw = eg.EventGateway(token="s3cret-token", clock=ManualClock())
+    auth = {"Content-Type": "application/json", "Authorization": "Bearer s3cret-token"}
+    op_id = post(gw, eg.CREATE, valid_body(eg.CREATE), headers=auth)[2]["data"]["op_id"]
+    assert_error(call(gw, "GET", "/send_status/" + op_id), 401, "authentication_failed")
+    assert call(gw, "GET", "/send_status/" + op_id, headers=auth)[0] == 200
+    limited = line_gateway("1.3", rate_limit=True)
+    op_id = assert_accepted(limited, post(limited, eg.CREATE, valid_body(eg.CREATE)))["op_id"]
+    for _ in range(eg.RATE_LIMIT_PER_IP + 1):
+        assert call(limited, "GET", "/send_status/" + op_id)[0] == 200
+
+
+@LOCAL_ONLY
+def test_line_1_2_sets_send_statuses_through_the_admin_route_only():
+    gw = make_gateway("1.2")
+    create(gw, op_id="op-1")
+    assert_error(call(gw, "GET", "/send_status/op-1"), 404, "route_not_found")
+    status, _, envelope = post(gw, "/__admin/send_status/op-1", {"status": "failed"})
+    assert (status, envelope["data"]["status"]) == (200, "failed")
+
+
+# Unknown fields (line 1.3 ignores them) ##############################################
+
+@LOCAL_ONLY
+def test_line_1_3_ignores_unknown_fields_and_notes_them_with_close_names():
+    gw = make_gateway("1.3")
+    body = valid_body(eg.CREATE, source="ci", eventTime=5, op_id="op-u")
+    data = assert_accepted(gw, post(gw, eg.CREATE, body), op_id="op-u")
+    event = gw.event(data["event_id"])
+    assert "source" not in json.dumps(event) and "eventTime" not in json.dumps(event)
+    note = gw.requests()[-1]["note"]
+    assert note == ("ignored unknown fields `eventTime` (did you mean `event_time`?), `source`, "
+                    "as production 1.3 does")
+    # A replay compares the bodies without the fields it ignored.
+    again = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-u", other=1))
+    assert again[2] == post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-u"))[2]
+    assert len(gw.events()) == 1
+
+
+@LOCAL_ONLY
+def test_a_replay_names_the_seq_it_replays():
+    gw = make_gateway("1.3")
+    create(gw, op_id="op-r")
+    first = gw.requests()[-1]["seq"]
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-r"))
+    assert gw.requests()[-1]["note"] == "replay of seq %d; nothing applied" % first
+    gw.clear_requests()
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-r"))
+    assert gw.requests()[-1]["note"] == "replay of seq %d; nothing applied" % first
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("changes, noted", [
+    pytest.param({"status": "x" * 25}, "status", id="status-too-long"),
+    pytest.param({"severity": "meh"}, "severity", id="severity"),
+    pytest.param({"message": DROP}, "status, message and severity for presence",
+                 id="message-missing"),
+    pytest.param({"title": DROP, "message": DROP}, None, id="title-missing-too"),
+    pytest.param({"images": None}, "images", id="images-null"),
+    pytest.param({"attrs": {"a": [1]}}, "attrs", id="attrs-array"),
+    pytest.param({"event_time": "soon"}, None, id="event-time-still-checked"),
+])
+def test_refusals_that_production_1_3_would_let_through_are_noted(changes, noted):
+    for line in ("1.2", "1.3"):
+        gw = make_gateway(line)
+        assert post(gw, eg.CREATE, valid_body(eg.CREATE, **changes))[0] == 400
+        note = gw.requests()[-1]["note"]
+        if noted is None or line == "1.2":
+            assert note is None
+        else:
+            assert note == ("production 1.3 would accept this (it no longer checks %s); this "
+                            "gateway keeps the page's rule" % noted)
+
+
+@LOCAL_ONLY
+def test_started_at_on_update_and_close_is_noted_in_1_3():
+    gw = make_gateway("1.3")
+    for route in (eg.UPDATE, eg.CLOSE):
+        assert post(gw, route, body_for(gw, route, {"started_at": T0}))[0] == 400
+        assert "no longer checks started_at on" in gw.requests()[-1]["note"]
+    assert post(gw, eg.UPDATE, body_for(gw, eg.UPDATE, {"started_at": T0, "ended_at": T0}))[0] == 400
+    assert gw.requests()[-1]["note"] is None          # ended_at: production refuses it too
+
+
+# Rate limit (line 1.3, no token) #################################################
+
+def burst(gw, count, client="10.0.0.1"):
+    """count creates from client; their statuses."""
+    body = json.dumps(valid_body(eg.CREATE)).encode()
+    return [gw.handle("POST", eg.CREATE, JSON_HEADERS, body, client=client)[0]
+            for _ in range(count)]
+
+
+@LOCAL_ONLY
+def test_rate_limit_answers_the_61st_request_of_a_minute_from_one_ip():
+    gw = line_gateway("1.3", rate_limit=True)
+    gw.clock.now = 1800000000.0 - 1800000000.0 % 60        # the minute's first second
+    assert burst(gw, 60) == [200] * 60
+    gw.clock.now += 59.999
+    status, headers, payload = gw.handle("POST", eg.CREATE, JSON_HEADERS,
+                                         json.dumps(valid_body(eg.CREATE)).encode(),
+                                         client="10.0.0.1")
+    envelope = assert_envelope(status, headers, payload)
+    assert (status, envelope["error_code"], envelope["problem"]["retryable"]) == (
+        429, "rate_limited", True)
+    assert "retry-after" not in {name.lower() for name, _ in headers}
+    assert "over 60 requests from 10.0.0.1" in envelope["error"]
+    entry = gw.requests()[-1]
+    assert entry["op_id"] is None and entry["channel_id"] == CHANNEL     # the body's ids
+    assert len(gw.events()) == 60                                        # nothing applied
+    assert burst(gw, 1, client="10.0.0.2") == [200]                      # per IP
+    gw.clock.now += 0.001                                                # the next minute
+    assert burst(gw, 60) == [200] * 60
+
+
+@LOCAL_ONLY
+def test_rate_limit_counts_1200_in_all():
+    gw = line_gateway("1.3", rate_limit=True, max_requests=0)
+    gw.clock.now = 1800000000.0 - 1800000000.0 % 60
+    for client in range(20):
+        assert burst(gw, 60, client="10.0.1.%d" % client) == [200] * 60
+    assert burst(gw, 1, client="10.0.2.1") == [429]
+    assert "over 1200 requests in all" in gw.handle(
+        "POST", eg.CREATE, JSON_HEADERS, b"{}", client="10.0.2.2")[2].decode()
+    gw.reset()                                                 # a reset clears the counts
+    assert burst(gw, 1, client="10.0.2.1") == [200]
+
+
+@LOCAL_ONLY
+def test_without_rate_limit_the_journal_says_what_production_would_answer():
+    gw = line_gateway("1.3", log=io.StringIO())
+    gw.clock.now = 1800000000.0 - 1800000000.0 % 60
+    assert burst(gw, 61) == [200] * 61
+    notes = [entry["note"] for entry in gw.requests()]
+    assert notes[:60] == [None] * 60
+    assert notes[60] == ("production 1.3 would answer 429 rate_limited: over 60 requests from "
+                         "10.0.0.1 this minute")
+    assert "production 1.3 would answer 429 rate_limited" in gw.log.getvalue().splitlines()[-1]
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("line, token", [("1.2", None), ("1.3", "s3cret-token")])
+def test_no_rate_limit_in_line_1_2_or_with_a_token(line, token):
+    gw = eg.EventGateway(clock=ManualClock(), gateway_version=line, token=token)
+    headers = dict(JSON_HEADERS, Authorization="Bearer " + token) if token else JSON_HEADERS
+    body = json.dumps(valid_body(eg.CREATE)).encode()
+    statuses = [gw.handle("POST", eg.CREATE, headers, body, client="10.0.0.1")[0]
+                for _ in range(61)]
+    assert statuses == [200] * 61 and [e["note"] for e in gw.requests()] == [None] * 61
+    with pytest.raises(ValueError, match="rate_limit"):
+        eg.EventGateway(gateway_version=line, token=token, rate_limit=True)
+
+
+@LOCAL_ONLY
+def test_rate_limit_counts_only_event_routes_past_step_3():
+    gw = line_gateway("1.3", rate_limit=True)
+    for _ in range(70):
+        gw.handle("GET", eg.CREATE, {}, None, client="10.0.0.1")           # 405: not counted
+        gw.handle("GET", "/healthz", {}, None, client="10.0.0.1")
+    assert burst(gw, 60) == [200] * 60 and burst(gw, 1) == [429]
+
+
+@LOCAL_ONLY
+def test_rate_limit_over_http_reads_the_peer_address():
+    gateway = line_gateway("1.3", rate_limit=True)
+    gateway.clock.now = 1800000000.0 - 1800000000.0 % 60
+    with eg.serve_in_thread(gateway) as served:
+        conn = http.client.HTTPConnection(*address(served.url), timeout=5)
+        body = json.dumps(valid_body(eg.CREATE))
+        statuses = []
+        for _ in range(61):
+            conn.request("POST", eg.CREATE, body, dict(JSON_HEADERS, **{"X-Forwarded-For": "1.2.3.4"}))
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        conn.close()
+    assert statuses == [200] * 60 + [429]
+    assert "from 127.0.0.1" in gateway.requests()[-1]["error"]      # not X-Forwarded-For
 
 
 # Routes ######################################################################
@@ -697,6 +1110,169 @@ def test_dispatch_answer_is_exactly_json_dumps(line, thing_id):
     with_thing, without = eg._dispatch_answers(eg.LINES[line])
     template = without if thing_id is None else with_thing
     assert (template % values).encode() == json.dumps({"success": True, "data": data}).encode()
+
+
+@pytest.mark.parametrize("accept_language, locale_1_2, locale_1_3", [
+    pytest.param(None, "en", "en", id="none"),
+    pytest.param("zh-CN", "zh-CN", "zh-CN", id="zh-CN"),
+    pytest.param("ZH-cn", "zh-CN", "zh-CN", id="any-case"),
+    pytest.param("zh", "zh-CN", "zh-CN", id="zh"),
+    pytest.param("zh-Hans-SG", "zh-CN", "zh-CN", id="zh-Hans"),
+    pytest.param("zh_sg", "zh-CN", "zh-CN", id="zh_sg"),
+    pytest.param("zh_CN", "en", "en", id="zh_CN-underscore-is-not-known"),
+    pytest.param("zh_CN, zh-SG", "zh-CN", "zh-CN", id="zh_CN-falls-through"),
+    pytest.param("fr, zh-CN;q=0.1", "zh-CN", "zh-CN", id="weights-ignored"),
+    pytest.param("zh-Hant-TW", "en", "zh-TW", id="zh-Hant-TW"),
+    pytest.param("zh-TW, zh-CN", "zh-CN", "zh-TW", id="zh-TW-then-zh-CN"),
+    pytest.param("zh-hk", "en", "zh-TW", id="zh-hk"),
+    pytest.param("zh_mo", "en", "zh-TW", id="zh_mo"),
+    pytest.param("en-GB, zh-CN", "en", "en", id="en-first"),
+    pytest.param("english", "en", "en", id="not-a-tag"),
+    pytest.param("de;q=0.9, *", "en", "en", id="nothing-known"),
+])
+def test_locale_of_an_error(gw_line, accept_language, locale_1_2, locale_1_3):
+    headers = dict(JSON_HEADERS)
+    if accept_language is not None:
+        headers["Accept-Language"] = accept_language
+    status, answer_headers, envelope = post(gw_line, eg.CREATE,
+                                            valid_body(eg.CREATE, password="wrong-pass-1"),
+                                            headers=headers)
+    locale = {"1.2": locale_1_2, "1.3": locale_1_3}[gw_line.line.name]
+    problem = envelope["problem"]
+    assert (status, problem["locale"], answer_headers["content-language"]) == (403, locale, locale)
+    assert problem["localized_message"] == {"en": "The channel password is wrong.",
+                                            "zh-CN": "频道密码错误。",
+                                            "zh-TW": "頻道密碼錯誤。"}[locale]
+    assert problem["title"] == {"en": "Conflict", "zh-CN": "冲突", "zh-TW": "衝突"}[locale]
+    assert envelope["error"] == problem["detail"] and envelope["error"].isascii()
+
+
+@LOCAL_ONLY
+def test_every_code_has_its_category_row():
+    assert set(CATEGORY_OF) == set(eg.ERRORS) - {"host_not_allowed", "cross_site_request"}
+    for code in CATEGORY_OF:
+        assert eg._PROBLEM_OF[code] == CATEGORY_OF[code], code
+        for locale in ("en", "zh-CN", "zh-TW"):
+            body = json.loads(eg._error_body(code, "a sentence", eg.ERRORS[code], locale, "r" * 32))
+            assert body["problem"]["localized_message"] and body["problem"]["title"]
+
+
+@LOCAL_ONLY
+def test_every_category_row_is_answered():
+    answered = set()
+    gw = make_gateway(max_events=1)
+    gw_token = eg.EventGateway(token="s3cret-token")
+    create(gw)
+    requests = [
+        (gw, eg.CREATE, valid_body(eg.CREATE, status="")),                    # validation
+        (gw_token, eg.CREATE, valid_body(eg.CREATE)),                         # auth
+        (gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass-1")),      # conflict
+        (gw, eg.UPDATE, valid_body(eg.UPDATE, event_id="nope")),              # not_found
+        (gw, eg.CREATE, valid_body(eg.CREATE)),                               # store_full
+    ]
+    for status in (429, 503, 500):
+        gw_status = make_gateway()
+        gw_status.add_fault(eg.CREATE, status)
+        requests.append((gw_status, eg.CREATE, valid_body(eg.CREATE)))
+    for gateway, path, body in requests:
+        problem = post(gateway, path, body)[2]["problem"]
+        answered.add((problem["category"], problem["retryable"]))
+    assert answered == {(category, retryable) for category, retryable, _ in CATEGORY_ROWS}
+
+
+def test_unknown_path_is_always_in_english_without_a_request_id(gw):
+    headers = dict(JSON_HEADERS, **{"Accept-Language": "zh-CN"})
+    status, answer_headers, envelope = post(gw, "/nope", {}, headers=headers)
+    assert (status, envelope["problem"]["locale"], answer_headers["content-language"]) == (
+        404, "en", "en")
+    assert "request_id" not in envelope["problem"] and HEX32.fullmatch(
+        answer_headers["x-request-id"])
+
+
+def test_405_has_no_body_and_says_allow(gw):
+    for method in ("GET", "HEAD", "PUT"):
+        status, headers, payload = gw.handle(method, eg.CREATE, JSON_HEADERS, None)
+        names = {name.lower(): value for name, value in headers}
+        assert (status, payload, names["allow"]) == (405, b"", "POST")
+        assert "content-type" not in names
+
+
+@LOCAL_ONLY
+def test_405_is_journaled_with_its_code():
+    gw = make_gateway()
+    gw.handle("PUT", eg.CREATE, JSON_HEADERS, b"{}")
+    entry = gw.requests()[-1]
+    assert (entry["status"], entry["error_code"], entry["response"]) == (
+        405, "method_not_allowed", None)
+
+
+@LOCAL_ONLY
+def test_admin_errors_are_localized_too():
+    gw = make_gateway()
+    status, headers, envelope = call(gw, "GET", "/__admin/requests?x=1",
+                                     headers={"Accept-Language": "zh-TW"})
+    assert (status, envelope["problem"]["locale"], headers["content-language"]) == (
+        400, "zh-TW", "zh-TW")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_answer_ok(gw, path):
+    status, _, envelope = call(gw, "GET", path)
+    assert (status, envelope) == (200, {"success": True, "data": {"status": "ok"}})
+
+
+@LOCAL_ONLY
+def test_admin_info_names_the_line_the_version_and_every_bound():
+    for line, rate_limit in (("1.2", False), ("1.3", True)):
+        gw = eg.EventGateway(gateway_version=line, rate_limit=rate_limit, max_events=7)
+        status, _, envelope = call(gw, "GET", "/__admin/info")
+        assert status == 200 and envelope["data"] == {
+            "gateway_version": line, "module_version": eg.__version__, "auth": False,
+            "rate_limit": rate_limit,
+            "limits": {"max_events": 7, "max_history": 1000, "max_requests": 1000,
+                       "max_channels": 10000, "max_faults": 1000, "max_body_bytes": 32768,
+                       "idle_timeout_s": 5.0, "rate_limit_per_ip": 60, "rate_limit_total": 1200}}
+    assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", eg.__version__)
+
+
+@LOCAL_ONLY
+def test_the_readmes_changelog_names_the_modules_version():
+    text = open(README, encoding="utf-8").read()
+    changelog = text.split("## Changelog", 1)[1]
+    assert re.search(r"^### %s\b" % re.escape(eg.__version__), changelog, re.M)
+
+
+@LOCAL_ONLY
+def test_log_line_of_a_refusal_names_the_bodys_ids_and_the_note():
+    gw = make_gateway(log=io.StringIO())
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-9", status="x" * 30))
+    line = gw.log.getvalue().strip()
+    assert " 400 invalid_status: status is too long" in line
+    assert "op_id=op-9" in line and "(production 1.3 would accept this" in line
+
+
+@LOCAL_ONLY
+def test_a_long_log_line_loses_its_middle_never_the_status_or_the_request_id():
+    gw = make_gateway(log=io.StringIO())
+    body = valid_body(eg.CREATE, op_id="o" * 128, **{"k%03d" % i: 1 for i in range(60)})
+    status, headers, _ = gw.handle("POST", "/event/create?" + "q" * 5000, JSON_HEADERS,
+                                   json.dumps(body).encode())
+    request_id = dict(headers)["X-Request-Id"]
+    gw.handle("POST", "/" + "p" * 3000, JSON_HEADERS, b"{}")
+    first, second = gw.log.getvalue().splitlines()
+    assert len(first) <= eg.MAX_LOG_LINE_CHARS and len(second) <= eg.MAX_LOG_LINE_CHARS
+    assert " 200 " in first and first.endswith("ms " + request_id) and "..." in first
+    assert re.search(r"/p+\.\.\.p+ 404 route_not_found", second)
+    assert re.search(r" [0-9.]+ms [0-9a-f]{32}$", second)
+
+
+@LOCAL_ONLY
+def test_path_filter_must_start_with_a_slash():
+    gw = make_gateway()
+    assert_error(call(gw, "GET", "/__admin/requests?path=event/create"), 400, "invalid_filter",
+                 "start with /")
+    with pytest.raises(eg.GatewayError, match="start with /"):
+        gw.requests(path="event/create")
 
 
 def test_request_ids_differ(gw):
@@ -2714,12 +3290,19 @@ def test_broken_http_is_journaled_with_what_could_be_read(live):
     with connect(live.url) as sock:
         sock.sendall(b"garbage\r\n\r\n")
         assert read_response(sock)[0] == 400
+    with connect(live.url) as sock:
+        sock.sendall(b"POST /event/update HTTP/2.0\r\nAccept-Language: zh-CN\r\n\r\n")
+        status, headers, body = read_response(sock)
+        # Decided before the headers were read: in English.
+        assert (status, envelope_code(body), headers["content-language"]) == (
+            505, "http_version_not_supported", "en")
     if REMOTE_URL:
         return
-    first, second = live.gateway.requests()
+    first, second, third = live.gateway.requests()
     assert (first["method"], first["path"], first["error_code"]) == ("POST", eg.CREATE,
                                                                      "bad_request")
     assert (second["method"], second["path"]) == ("", "")
+    assert (third["method"], third["path"], third["status"]) == ("POST", eg.UPDATE, 505)
 
 
 @LOCAL_ONLY
