@@ -3313,41 +3313,46 @@ PAGE_HTML = r"""<!doctype html>
 <style>
 [hidden] { display: none !important; }
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2430; background: #f4f5f7; }
-header { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; padding: 10px 16px;
+header { display: flex; flex-wrap: wrap; gap: 8px 12px; align-items: center; padding: 10px 16px;
          background: #1d2430; color: #fff; }
-header h1 { font-size: 16px; margin: 0 12px 0 0; }
-header input, header select, header button { font: inherit; }
+header h1 { font-size: 16px; margin: 0; }
+header input, header select, header button { font: inherit; max-width: 100%; }
+#line { color: #c5cad3; font-size: 13px; }
 #state { padding: 2px 8px; border-radius: 10px; background: #2e7d32; }
 #state.down { background: #c62828; }
 main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; padding: 16px; }
+@media (max-width: 800px) { main { grid-template-columns: minmax(0, 1fr); padding: 8px; } }
 section { background: #fff; border-radius: 6px; padding: 8px 12px; min-width: 0; }
 h2 { font-size: 15px; margin: 4px 0 8px; }
-table { width: 100%; border-collapse: collapse; }
-th { text-align: left; font-size: 12px; color: #68707d; padding: 3px 6px; }
-td { padding: 3px 6px; border-top: 1px solid #e3e5e8; vertical-align: top; white-space: nowrap; }
-td.text { white-space: normal; word-break: break-word; width: 100%; }
 input[type=number] { width: 5em; }
-tr.entry { cursor: pointer; }
-tr.bad td { color: #b71c1c; background: #fdecea; }
-tr.faulted td { color: #8e24aa; background: #f6e9f8; }
-pre { margin: 0; white-space: pre-wrap; word-break: break-all; font-size: 12px; background: #f4f5f7; padding: 6px; }
-.event { border: 1px solid #e3e5e8; border-radius: 6px; padding: 6px 10px; margin-bottom: 8px; }
+.entry { border-top: 1px solid #e3e5e8; padding: 4px 6px; cursor: pointer; overflow-wrap: anywhere; }
+.entry .head { display: flex; flex-wrap: wrap; gap: 0 10px; }
+.entry .path { font-weight: 600; }
+.entry .why { margin-top: 1px; }
+.entry.bad { color: #b71c1c; background: #fdecea; }
+.entry.faulted { color: #8e24aa; background: #f6e9f8; }
+.note { display: block; margin-top: 2px; padding: 1px 6px; border-left: 3px solid #e0a800; color: #5c4400;
+        background: #fff8e1; font-size: 13px; }
+pre { margin: 4px 0; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; background: #f4f5f7; padding: 6px; }
+.event { border: 1px solid #e3e5e8; border-radius: 6px; padding: 6px 10px; margin-bottom: 8px; overflow-wrap: anywhere; }
 .event h3 { font-size: 14px; margin: 0 0 4px; }
-.badge { display: inline-block; padding: 0 6px; margin-right: 6px; border-radius: 8px; font-size: 12px; background: #e3e5e8; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 12px; background: #e3e5e8; }
 .ongoing { background: #fff3cd; } .closed { background: #d7f0dc; }
 .critical, .high { background: #fdecea; color: #b71c1c; }
 .muted { color: #68707d; font-size: 12px; }
 ol { margin: 4px 0 0; padding-left: 18px; font-size: 12px; }
 form { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
+code { font-size: 12px; background: #f4f5f7; padding: 0 3px; }
 #login { padding: 16px; }
 </style>
 </head>
 <body>
 <header>
   <h1>PushGo event gateway</h1>
+  <span id="line"></span>
   <span id="state">connecting</span>
-  <input id="channel" placeholder="filter: channel_id" size="28">
-  <input id="thing" placeholder="filter: thing_id" size="14">
+  <input id="channel" placeholder="filter: channel_id" size="28" aria-label="filter by channel_id">
+  <input id="thing" placeholder="filter: thing_id" size="14" aria-label="filter by thing_id">
   <button id="reset" type="button">Reset gateway</button>
 </header>
 <div id="login" hidden>
@@ -3359,20 +3364,21 @@ form { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
 </div>
 <main id="panes" hidden>
   <section>
-    <h2>Requests, newest first</h2>
-    <table>
-      <thead><tr><th>time (UTC)</th><th>method</th><th>path</th><th>status</th><th>error code</th><th>message</th></tr></thead>
-      <tbody id="journal"></tbody>
-    </table>
+    <h2>Requests, newest first <span class="muted">(click one for its headers, body and answer)</span></h2>
+    <div id="journal"></div>
+    <div id="empty" class="muted">
+      <p>No requests yet. Point your client at this gateway, or send the API page's example:</p>
+      <pre id="example"></pre>
+    </div>
   </section>
   <section>
     <h2>Faults</h2>
     <form id="fault-form">
-      <select id="f-route"><option>/event/create</option><option>/event/update</option>
+      <select id="f-route" aria-label="route"><option>/event/create</option><option>/event/update</option>
         <option>/event/close</option><option>*</option></select>
-      <select id="f-kind"><option>status</option><option>drop</option><option>slow</option></select>
-      <select id="f-status"><option>503</option><option>500</option><option>429</option><option>401</option></select>
-      <select id="f-when"><option>before</option><option>after</option></select>
+      <select id="f-kind" aria-label="kind"><option>status</option><option>drop</option><option>slow</option></select>
+      <select id="f-status" aria-label="status"><option>503</option><option>500</option><option>429</option><option>401</option></select>
+      <select id="f-when" aria-label="when"><option>before</option><option>after</option></select>
       <label>count <input id="f-count" type="number" min="1" value="1"></label>
       <label>delay ms <input id="f-delay" type="number" min="0" value="0"></label>
       <button type="submit">Queue</button>
@@ -3398,6 +3404,13 @@ function el(tag, text, className) {
   return node;
 }
 
+// Neighbouring labels are separated by spaces, so that they read as words when copied
+// or read aloud, not only by their styling.
+function words(parent, ...nodes) {
+  nodes.filter(Boolean).forEach((node, i) => { if (i) parent.append(" "); parent.append(node); });
+  return parent;
+}
+
 function clock(ms) {
   return ms === null || ms === undefined ? "" : new Date(ms).toISOString().slice(11, 23);
 }
@@ -3416,53 +3429,61 @@ async function api(method, path, body) {
   return envelope.data;
 }
 
+function why(entry) {
+  if (entry.status === null) {
+    return "dropped: no answer was sent" + (entry.fault ? " (a queued " + entry.fault.kind +
+      " fault, " + entry.fault.when + " handling)" : "");
+  }
+  if (entry.fault) return "injected fault: " + (entry.error_code || entry.fault.kind);
+  return entry.error || "";
+}
+
 function showJournal() {
   const rows = $("journal");
   rows.replaceChildren();
   const channel = $("channel").value.replace(/[\s-]/g, "").toUpperCase();
+  let shown = 0;
   for (const entry of entries.slice().reverse()) {
     if (channel && entry.channel_id !== channel) continue;
-    const row = el("tr", null, "entry");
+    shown += 1;
+    const row = el("div", null, "entry");
     if (entry.fault) row.classList.add("faulted");
     else if (entry.status === null || entry.status >= 400) row.classList.add("bad");
-    const status = entry.status === null ? "dropped" : entry.status;
-    for (const text of [clock(entry.received_at), entry.method, entry.path, status,
-                        entry.error_code || ""]) {
-      row.append(el("td", text));
-    }
-    row.append(el("td", [entry.error, entry.note].filter(Boolean).join(" · "), "text"));
+    row.append(words(el("div", null, "head"), el("span", clock(entry.received_at)),
+                     el("span", entry.method), el("span", entry.path, "path"),
+                     el("span", entry.status === null ? "dropped" : entry.status),
+                     entry.error_code ? el("span", entry.error_code) : null));
+    const reason = why(entry);
+    if (reason) row.append(el("div", reason, "why"));
+    if (entry.note) row.append(el("span", "note: " + entry.note, "note"));
     row.addEventListener("click", () => {
       if (opened.has(entry.seq)) opened.delete(entry.seq); else opened.add(entry.seq);
       showJournal();
     });
-    rows.append(row);
     if (opened.has(entry.seq)) {
-      const detail = el("tr");
-      const cell = el("td");
-      cell.colSpan = 6;
-      const shown = {headers: entry.headers, body: entry.body, body_bytes: entry.body_bytes,
-                     op_id: entry.op_id, event_id: entry.event_id, fault: entry.fault, note: entry.note};
-      cell.append(el("pre", JSON.stringify(shown, null, 2)));
-      detail.append(cell);
-      rows.append(detail);
+      const detail = {headers: entry.headers, body: entry.body, body_bytes: entry.body_bytes,
+                      answer: entry.response, op_id: entry.op_id, event_id: entry.event_id,
+                      fault: entry.fault, seq: entry.seq, request_id: entry.request_id};
+      row.append(el("pre", JSON.stringify(detail, null, 2)));
     }
+    rows.append(row);
   }
+  $("empty").hidden = shown > 0;
 }
 
 function showEvent(event) {
   const card = el("div", null, "event");
-  const title = el("h3");
-  title.append(el("span", event.state, "badge " + event.state),
-               el("span", event.severity, "badge " + event.severity), el("span", event.title));
-  card.append(title, el("div", event.status + ": " + event.message));
+  card.append(words(el("h3"), el("span", event.state, "badge " + event.state),
+                    el("span", event.severity, "badge " + event.severity), el("span", event.title)));
+  card.append(el("div", event.status + ": " + event.message));
   if (event.tags.length) card.append(el("div", "tags: " + event.tags.join(", "), "muted"));
   if (Object.keys(event.attrs).length) card.append(el("div", "attrs: " + JSON.stringify(event.attrs), "muted"));
-  card.append(el("div", event.event_id + (event.thing_id ? " · thing " + event.thing_id : ""), "muted"));
+  card.append(el("div", "event_id " + event.event_id + (event.thing_id ? ", thing " + event.thing_id : ""), "muted"));
   const history = el("ol");
   for (const dispatch of event.history) {
     const fields = dispatch.fields;
-    history.append(el("li", clock(dispatch.received_at) + " " + dispatch.route.slice(7) + " · " +
-                      (fields.status || "") + ": " + (fields.message || "")));
+    history.append(el("li", clock(dispatch.received_at) + " " + dispatch.route.slice(7) + " (" +
+                      dispatch.send_status + "): " + (fields.status || "") + ": " + (fields.message || "")));
   }
   if (event.history_dropped) history.append(el("li", event.history_dropped + " older updates dropped"));
   card.append(history);
@@ -3500,10 +3521,22 @@ function askToken() {
   showState("token needed", true);
 }
 
+async function showInfo() {
+  const info = await api("GET", "/__admin/info");
+  $("line").textContent = "answers as production " + info.gateway_version + " · event_gateway " +
+    info.module_version + (info.auth ? " · token on" : "");
+  $("example").textContent = "curl -X POST " + location.origin + "/event/create \\\n" +
+    "  -H 'Content-Type: application/json' \\\n  -d '{\"channel_id\": \"06J0FZG1Y8XGG14VTQ4Y3G10MR\", " +
+    "\"password\": \"pass-1234\", \"title\": \"Database lag\", \"status\": \"ongoing\", " +
+    "\"message\": \"Replica delay > 30s\", \"severity\": \"high\", \"event_time\": " +
+    Math.floor(Date.now() / 1000) + "}'";
+}
+
 async function follow() {
   let waitMs = 0;            // the first look answers at once; later ones wait for news
   for (;;) {
     try {
+      if (waitMs === 0) await showInfo();
       const found = (await api("GET", "/__admin/requests?after=" + seq + "&wait_ms=" + waitMs)).requests;
       waitMs = 20000;
       showState("live", false);
@@ -3512,14 +3545,16 @@ async function follow() {
       if (found.length) {
         entries = entries.concat(found).slice(-200);
         seq = found[found.length - 1].seq;
-        showJournal();
       }
+      showJournal();
       await refresh();
     } catch (error) {
       if (error instanceof NeedToken) { askToken(); return; }
       showState("reconnecting…", true);
-      seq = 0;               // a restarted gateway counts from 1 again
+      seq = 0;               // a restarted gateway counts from 1 again: forget the old rows
       entries = [];
+      opened.clear();
+      showJournal();
       waitMs = 0;
       await new Promise((resolve) => setTimeout(resolve, 1000));
     }

@@ -3437,6 +3437,17 @@ def test_page_uses_only_the_gateways_routes_and_no_other_host():
                          eg.PAGE_HTML, re.I)
 
 
+@LOCAL_ONLY
+def test_page_names_the_line_shows_answers_and_separates_its_labels():
+    script = page_part("script")
+    assert '"/__admin/info"' in script and "info.gateway_version" in script
+    assert "info.module_version" in script
+    assert "answer: entry.response" in script                 # a clicked entry shows its answer
+    # Labels that sit side by side are joined by spaces: they read as words when copied.
+    assert 'words(el("h3"), el("span", event.state' in script
+    assert 'words(el("div", null, "head")' in script
+
+
 def test_page_never_parses_data_as_html():
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in eg.PAGE_HTML, sink
