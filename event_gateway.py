@@ -30,30 +30,46 @@ Or call the sans-I/O core directly, with no socket at all::
         "POST", "/event/create", {"content-type": "application/json"}, b'{...}')
 
 The processing order.  Every request goes through these steps; the first
-that fails answers, and comments below cite them as "step N":
+that fails answers, and comments below cite them as "step N".  Where the two
+production lines differ (1.2 and 1.3: --gateway-version), the steps read the
+line's record in LINES:
 
- 1. Unknown path: 404 route_not_found (no token needed to learn this).
+ 1. Unknown path: 404 route_not_found (no token needed to learn this).  The
+    routes of one line only (LINE_ROUTES) are unknown paths in the other.
  2. Gateway token, when one is set: 401 authentication_failed.
- 3. Method other than the route's: 405 method_not_allowed, with Allow.
-    (A queued fault strikes here, after step 3: see "Faults".)
+ 2a. Line 1.3 without a token, an event route: production's rate limit per
+    calendar minute (Line.rate_limit), counted once the method passed step 3:
+    429 rate_limited with rate_limit=True, else a note in the journal.
+ 3. Method other than the route's: 405 method_not_allowed, with Allow and no
+    body.  (A queued fault strikes here, after step 3: see "Faults".)
  4. Content-Type other than application/json on a route that takes JSON:
     400 missing_json_content_type.
  5. No body length: 411 length_required; a body over MAX_BODY_BYTES:
     413 payload_too_large, decided from the head before the body is read.
  6. Not one strict JSON document in UTF-8: 400 invalid_json_syntax.
  7. Not an object, or an object that repeats a key: 400 invalid_json_data.
- 8. Unknown fields: 400 invalid_json_data, naming every one.
+ 8. Unknown fields: 400 invalid_json_data, naming every one (line 1.2), or
+    ignored and noted (line 1.3).
+ 8a. A thing-scoped route (line 1.3): the path's thing by the thing_id rule,
+    and a body thing_id that differs from it: 400 thing_id_mismatch.
  9. A field the route forbids (FORBIDDEN_FIELDS).
-10. Channel credentials: channel_id, then password, then the lookup
-    (404 channel_not_found for an unknown channel or a wrong password alike).
+10. Channel credentials: channel_id, then password, then the lookup:
+    404 channel_not_found for an unknown channel, 403 password_mismatch for
+    a known one with another password.
 11. Required fields: event_id, then the route's REQUIRED_FIELDS, then
-    event_time.
+    event_time; the first missing one's code, every missing one named.
 12. The field rules (FIELD_RULES, one check_<field> each), in table order.
 13. Idempotency: a known op_id replays its answer or conflicts (409).
 14. Event state: 404 event_not_found, 409 event_closed, 409
     thing_id_mismatch, 400 invalid_ended_at.
 15. Store capacity: 503 store_full.
 16. Apply atomically and answer 200.
+
+Every answer is JSON in production's form: a success is {"success": true,
+"data": ...} without null keys; an error is {"success": false, "error",
+"error_code", "problem"} with problem localized by Accept-Language
+(PROBLEM_CATEGORIES, PROBLEM_SENTENCES, LOCALE_PREFIXES; _error_body), and a
+405 has no body.
 
 Reading order: limits, error codes, strict JSON, the field rules, the route
 table, the event store, the request journal, the core, the HTTP shell, the
@@ -1450,8 +1466,9 @@ def _dispatch_answers(line):
 
 
 def _locale(accept_language, locales):
-    """The answer's locale for an Accept-Language header (section "Response envelope"
-    of the README): the first part that names one of locales; none -> en."""
+    """The answer's locale for an Accept-Language header: its parts split on ",",
+    weights ignored, the first part that names one of locales (LOCALE_WHOLE,
+    LOCALE_PREFIXES) wins; none -> en."""
     for part in (accept_language or "").split(","):
         tag = part.split(";", 1)[0].strip(OWS).lower()
         named = LOCALE_WHOLE.get(tag)
@@ -2181,7 +2198,9 @@ class EventGateway:
         return status, headers, payload
 
     def _error_payload(self, request, code, message, status, request_id):
-        """(body, locale) of an error answer (section "Response envelope" of the README)."""
+        """(body, locale) of an error answer: production's envelope with problem; a 405
+        has no body, and an unknown path is answered before the request is read (en,
+        no request_id), as production answers them."""
         if status == 405:
             return b"", "en"            # production's 405 has no body
         if code == "route_not_found":

@@ -3690,7 +3690,7 @@ def test_readme_examples_pass_as_written(tmp_path):
     assert {"pushgo_client.py", "conftest.py", "test_my_client.py"} <= set(files)
     result = run_readme_tests(tmp_path, files)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\b5 passed\b", result.stdout), result.stdout
+    assert re.search(r"\b10 passed\b", result.stdout), result.stdout     # 5 tests x 2 lines
 
 
 @LOCAL_ONLY
