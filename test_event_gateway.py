@@ -3504,6 +3504,39 @@ def test_cli_serves_logs_and_stops_cleanly(stop_signal):
 
 
 @LOCAL_ONLY
+@pytest.mark.parametrize("args, line", [([], "1.3"), (["--gateway-version", "1.2"], "1.2")])
+def test_cli_names_its_version_and_line_and_answers_as_it(args, line):
+    process, started, url = start_cli("--quiet", *args)
+    try:
+        assert started.startswith("event_gateway %s: listening on " % eg.__version__)
+        assert " as production %s " % line in started
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn.request("POST", eg.CREATE, json.dumps(SEED_CURL_EXAMPLE), JSON_HEADERS)
+        answer = json.loads(conn.getresponse().read())
+        conn.close()
+        assert list(answer["data"]) == SUCCESS_KEYS[line][:3] + SUCCESS_KEYS[line][4:]
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+@LOCAL_ONLY
+def test_cli_rate_limit_reaches_the_gateway():
+    # The limit itself is tested with a pinned clock above; here only that the option
+    # reaches the gateway (a real clock may turn the minute in the middle of a burst).
+    process, _, url = start_cli("--quiet", "--rate-limit")
+    try:
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn.request("GET", "/__admin/info")
+        info = json.loads(conn.getresponse().read())["data"]
+        conn.close()
+        assert (info["gateway_version"], info["rate_limit"]) == ("1.3", True)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+@LOCAL_ONLY
 def test_cli_default_is_the_page_example_channel():
     process, line, url = start_cli()
     try:
@@ -3556,6 +3589,12 @@ def test_cli_port_in_use_says_what_to_do(live):
     pytest.param(["--max-history", "1"], ["--max-history", "at least 2"], id="history-1"),
     pytest.param(["--max-requests", "-1"], ["--max-requests", "at least 0"], id="requests-minus-1"),
     pytest.param(["--seed", "x"], ["--seed", "whole number"], id="seed-word"),
+    pytest.param(["--gateway-version", "1.4"], ["--gateway-version", "1.2", "1.3"],
+                 id="gateway-version-1.4"),
+    pytest.param(["--rate-limit", "--gateway-version", "1.2"], ["--rate-limit", "1.3"],
+                 id="rate-limit-in-line-1.2"),
+    pytest.param(["--rate-limit", "--token", "t0ken"], ["--rate-limit", "no token"],
+                 id="rate-limit-with-a-token"),
 ])
 @LOCAL_ONLY
 def test_cli_bad_values_are_one_line_usage_errors(args, words):
@@ -3629,15 +3668,31 @@ def test_cli_runs_without_gc_freeze(monkeypatch):
 
 # Conformance mode ####################################################################
 
-def run_conformance(url, token=None):
+def run_conformance(url, token=None, selection="healthz"):
     env = dict(os.environ, EVENT_GATEWAY_URL=url)
     env.pop("EVENT_GATEWAY_TOKEN", None)
     if token:
         env["EVENT_GATEWAY_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__), "-k", "healthz"],
+                           os.path.abspath(__file__), "-k", selection],
                           capture_output=True, text=True, timeout=60, env=env,
                           cwd=os.path.dirname(SCRIPT))
+
+
+# What a conformance run in each line checks: the answers the two lines give differently.
+CONFORMANCE_SELECTION = "line or order or locale or field_rule or envelope or conflict or probes"
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_conformance_mode_checks_a_server_of_each_line(line):
+    with eg.serve_in_thread(eg.EventGateway(gateway_version=line)) as served:
+        result = run_conformance(served.url, selection=CONFORMANCE_SELECTION)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    passed = int(re.search(r"(\d+) passed", output).group(1))
+    skipped_other_line = len(re.findall(r"runs line", output))
+    assert passed > 150 and skipped_other_line == 0, output
 
 
 @LOCAL_ONLY
