@@ -2213,7 +2213,7 @@ class EventGateway:
         """(op_id, event_id, channel_id) the journal and the log line show: the
         answer's, else the body's (parsed for this when no step parsed it)."""
         doc = request.doc
-        if doc is None and body and request.path in EVENT_ACTIONS:
+        if doc is None and body and request.route in EVENT_ACTIONS:
             try:
                 doc = parse_json_body(body)
             except GatewayError:

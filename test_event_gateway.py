@@ -700,6 +700,17 @@ def test_rate_limit_answers_the_61st_request_of_a_minute_from_one_ip():
 
 
 @LOCAL_ONLY
+def test_a_rate_limited_thing_scoped_request_is_journaled_with_its_bodys_ids():
+    gw = line_gateway("1.3", rate_limit=True)
+    body = json.dumps(valid_body(eg.CREATE, op_id="op-t")).encode()
+    for _ in range(61):
+        status = gw.handle("POST", "/thing/db-1/event/create", JSON_HEADERS, body,
+                           client="10.0.0.1")[0]
+    entry = gw.requests()[-1]
+    assert (status, entry["op_id"], entry["channel_id"]) == (429, "op-t", CHANNEL)
+
+
+@LOCAL_ONLY
 def test_rate_limit_counts_1200_in_all():
     gw = line_gateway("1.3", rate_limit=True, max_requests=0)
     gw.clock.now = 1800000000.0 - 1800000000.0 % 60
