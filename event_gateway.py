@@ -90,6 +90,7 @@ import hmac
 import http
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -264,6 +265,8 @@ DEFAULT_LINE = "1.3"
 # Every error code with its HTTP status, in the order of the processing steps.
 ERRORS = MappingProxyType({
     "route_not_found": 404,                              # step 1
+    "host_not_allowed": 403,                             # step 1a: local safety
+    "cross_site_request": 403,
     "authentication_failed": 401,                        # step 2 (and injected faults)
     "method_not_allowed": 405,                           # step 3
     "missing_json_content_type": 400,                    # step 4
@@ -339,7 +342,7 @@ PROBLEM_CATEGORIES = MappingProxyType({
     "validation": (False, tuple(code for code, status in ERRORS.items()
                                 if status in (400, 405, 411, 413, 414, 431, 505))),
     "auth": (False, ("authentication_failed",)),
-    "permission": (False, ()),
+    "permission": (False, ("host_not_allowed", "cross_site_request")),
     "conflict": (False, ("password_mismatch", "op_id_conflict", "op_id_payload_conflict",
                          "event_closed", "thing_id_mismatch", "too_many_channels",
                          "too_many_faults")),
@@ -1699,16 +1702,47 @@ def _printable(text):
 
 
 def _split_target(target):
-    """(path, query) of a request target, in origin form or absolute form
-    (http://host:port/path?query, which a proxy-minded client may send)."""
+    """(path, query, authority or None) of a request target, in origin form or
+    absolute form (http://host:port/path?query, which a proxy-minded client may
+    send; its authority then stands for the Host header)."""
+    authority = None
     if not target.startswith("/"):
         scheme, sep, rest = target.partition("://")
         if sep and scheme.lower() in ("http", "https"):
             start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-            target = rest[start:]
+            authority, target = rest[:start], rest[start:]
             target = target if target.startswith("/") else "/" + target
     path, _, query = target.partition("?")
-    return path, query
+    return path, query, authority
+
+
+_PORT = re.compile(r"(?::[0-9]*)?")
+
+
+def _host_name(host):
+    """The name a Host header (or an absolute-form authority) names: lower case,
+    without its port or a trailing dot; an IPv6 literal keeps its brackets.  None
+    for a malformed one."""
+    host = host.strip(OWS).lower()
+    if host.startswith("["):
+        literal, bracket, port = host.partition("]")
+        return literal + bracket if bracket and _PORT.fullmatch(port) else None
+    name, colon, port = host.partition(":")
+    if colon and not _PORT.fullmatch(colon + port):
+        return None
+    return name.rstrip(".")
+
+
+def _is_local_name(name):
+    """An IP address literal, localhost or a name under .localhost (section 1a):
+    names no DNS-rebinding site can make a browser send for the gateway."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
+    except ValueError:
+        return False
+    return True
 
 
 def _match_route(path, routes):
@@ -1817,12 +1851,13 @@ class _Request:
     """One request as the core handles it, and what handling it learned that
     the journal and the log line show."""
 
-    __slots__ = ("method", "path", "query", "headers", "client", "received_at", "route",
-                 "segment", "doc", "channel_id", "op_id", "event_id", "note", "fault", "seq")
+    __slots__ = ("method", "path", "query", "authority", "headers", "client", "received_at",
+                 "route", "segment", "doc", "channel_id", "op_id", "event_id", "note", "fault",
+                 "seq")
 
-    def __init__(self, method, path, query, headers, client=None):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.client = client
+    def __init__(self, method, target, headers, client=None):
+        self.method, self.headers, self.client = method, headers, client
+        self.path, self.query, self.authority = _split_target(target)
         self.received_at = self.route = self.segment = self.doc = self.channel_id = None
         self.op_id = self.event_id = self.note = self.fault = self.seq = None
 
@@ -1889,6 +1924,8 @@ class EventGateway:
     max_requests     entries kept by the request journal; 0 turns it off
     rate_limit       answer production 1.3's rate limit with 429 (step 2a); needs
                      line 1.3 and no token
+    allow_hosts      names besides IP literals, localhost and *.localhost that may
+                     reach the page and /__admin/ (step 1a); "*" among them allows any
     seed             seed of the generator that draws faults' probabilities
     clock            returns the time in Unix seconds (tests pin it); kept in milliseconds
     log              a text stream for one line per request, or None for silence
@@ -1896,7 +1933,8 @@ class EventGateway:
 
     def __init__(self, token=None, channels=None, max_events=DEFAULT_MAX_EVENTS,
                  max_history=DEFAULT_MAX_HISTORY, max_requests=DEFAULT_MAX_REQUESTS, seed=0,
-                 clock=time.time, log=None, gateway_version=DEFAULT_LINE, rate_limit=False):
+                 clock=time.time, log=None, gateway_version=DEFAULT_LINE, rate_limit=False,
+                 allow_hosts=()):
         if channels is None:
             channels = {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD}
         if gateway_version not in LINES:
@@ -1909,6 +1947,8 @@ class EventGateway:
             raise ValueError("rate_limit needs a line with a rate limit (1.3) and no token: "
                              "production limits only requests without a gateway token")
         self.token = token
+        names = {name.strip().lower().rstrip(".") for name in allow_hosts}
+        self.allowed_hosts = None if "*" in names else frozenset(names)   # None: any Host
         self.store = EventStore(max_events, max_history, answers=_dispatch_answers(line),
                                 conflict_code=line.op_id_conflict,
                                 new_op_id=_op_id_maker(line))
@@ -2111,7 +2151,7 @@ class EventGateway:
     def _handle_lowered(self, method, target, headers, body, client=None):
         """handle() for headers already in a dict of lower-case names (the HTTP shell's)."""
         started = time.perf_counter()
-        request = _Request(method, *_split_target(target), headers, client)
+        request = _Request(method, target, headers, client)
         return self._answer(request, started, lambda: self._serve(request, body),
                             body, None if body is None else len(body))
 
@@ -2126,14 +2166,14 @@ class EventGateway:
         100-continue", so as to send the final answer instead of 100.
         """
         started = time.perf_counter()
-        request = _Request(method, *_split_target(target), _lower_headers(headers), client)
+        request = _Request(method, target, _lower_headers(headers), client)
         declared = _declared_length(request.headers)
         return self._answer(request, started, lambda: self._steps_from_head(request, declared),
                             None, declared)
 
     def refuse(self, code, message, method="", target="", headers=None):
         """An error answer that the HTTP shell decides itself (broken HTTP framing)."""
-        request = _Request(method, *_split_target(target), headers or {})
+        request = _Request(method, target, headers or {})
         return self._answer(request, time.perf_counter(), lambda: _raise(code, message), None, 0)
 
     def _answer(self, request, started, work, body, body_bytes):
@@ -2303,6 +2343,12 @@ class EventGateway:
             raise GatewayError("route_not_found", "no route %s; the event routes are POST %s"
                                % (_printable(path[:100]), self._event_route_names))
         request.route = route
+        # 1a. Local safety: the page and the test-support routes only for this machine's
+        #     names, and the test-support routes never for another web site.
+        if route == "/" or route.startswith(ADMIN_PREFIX):
+            self._check_host(request)
+            if route != "/":
+                self._check_same_origin(request)
         # 2. Gateway auth, when enabled.
         if self.token is not None and route not in PUBLIC_PATHS:
             self._check_token(request.headers.get("authorization"))
@@ -2312,6 +2358,40 @@ class EventGateway:
             raise GatewayError("method_not_allowed", "%s takes %s" % (route, _ALLOW[route]),
                                headers=[("Allow", _ALLOW[route])])
         return handler
+
+    def _check_host(self, request):
+        """Step 1a: a Host that is not an IP literal, localhost, *.localhost or a name
+        given with --allow-host is refused: a site that makes its own name resolve to
+        127.0.0.1 (DNS rebinding) would otherwise read the journal as its own."""
+        host = request.authority if request.authority is not None else request.headers.get("host")
+        if host is None or self.allowed_hosts is None:
+            return                      # HTTP/1.0 without a Host; or --allow-host '*'
+        name = _host_name(host)
+        if name is not None and (_is_local_name(name) or name in self.allowed_hosts):
+            return
+        shown = _printable(host.strip(OWS)[:100])
+        raise GatewayError("host_not_allowed", "Host `%s` may not reach the page or /__admin/ "
+                           "(a guard against DNS rebinding); if you reach the gateway by this "
+                           "name, start it with --allow-host %s" % (
+                               shown, _printable((name or "NAME")[:100])))
+
+    @staticmethod
+    def _check_same_origin(request):
+        """Step 1a: a request to /__admin/ that another web site made the browser send
+        (an Origin other than the gateway's own, "null" included, or Sec-Fetch-Site
+        cross-site or same-site) is refused, whatever its method: no preflight
+        guards a form or a no-cors fetch.  Clients that send no Origin pass."""
+        headers = request.headers
+        site = headers.get("sec-fetch-site", "").strip(OWS).lower()
+        origin = headers.get("origin")
+        if origin is not None:
+            host = request.authority if request.authority is not None else headers.get("host")
+            if host is not None and origin.strip(OWS).lower() == "http://" + host.strip(OWS).lower():
+                origin = None           # the page's own
+        if origin is not None or site in ("cross-site", "same-site"):
+            raise GatewayError("cross_site_request", "the test-support routes do not answer "
+                               "requests that another web site made a browser send; use the "
+                               "page this gateway serves, or a client that sends no Origin")
 
     def _count_rate(self, request):
         """Step 2a: production 1.3's rate limit, on a request that passed step 3 of an
@@ -3036,6 +3116,21 @@ class _Server(http.server.ThreadingHTTPServer):
             self._connections.discard(request)
         super().shutdown_request(request)
 
+    def stop(self):
+        """Make serve_forever() return now, not after its poll interval: shutdown()
+        only sets a flag that the serving loop reads when its wait ends, so a
+        connection to the listening socket ends the wait (again, until the loop
+        has seen the flag).  Call it from another thread than the serving one."""
+        stopping = threading.Thread(target=self.shutdown, name="event-gateway stop")
+        stopping.start()
+        while stopping.is_alive():
+            try:
+                with socket.create_connection(self.server_address[:2], timeout=1):
+                    pass
+            except OSError:
+                pass        # the listening socket is gone or full: the poll interval ends it
+            stopping.join(0.002)
+
     def close_connections(self):
         """End every open connection (keep-alive ones included) and every wait."""
         self._closing.set()
@@ -3093,13 +3188,13 @@ def serve_in_thread(gateway=None, host=DEFAULT_HOST, port=0, idle_timeout=IDLE_T
     if gateway is None:
         gateway = EventGateway()
     server = make_server(gateway, host, port, idle_timeout)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="event-gateway %s" % server.url, daemon=True)
     thread.start()
     try:
         yield Served(server.url.rstrip("/"), gateway)
     finally:
-        server.shutdown()
+        server.stop()
         server.close_connections()
         server.server_close()
         thread.join()
@@ -3201,6 +3296,11 @@ def build_parser():
                              "(%d requests per client IP, %d in all, per minute) with 429 "
                              "rate_limited; without it, the journal only notes the excess"
                              % (RATE_LIMIT_PER_IP, RATE_LIMIT_TOTAL))
+    parser.add_argument("--allow-host", action="append", metavar="NAME", default=[],
+                        help="a name (besides IP addresses, localhost and *.localhost) by "
+                             "which browsers and clients may reach the page and /__admin/, "
+                             "such as a container's service name; repeatable; '*' allows any "
+                             "(the guard against DNS rebinding is then off)")
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
@@ -3268,7 +3368,8 @@ def main(argv=None):
     gateway = EventGateway(token=token, channels=channels, max_events=args.max_events,
                            max_history=args.max_history, max_requests=args.max_requests,
                            seed=args.seed, log=None if args.quiet else sys.stderr,
-                           gateway_version=args.gateway_version, rate_limit=args.rate_limit)
+                           gateway_version=args.gateway_version, rate_limit=args.rate_limit,
+                           allow_hosts=args.allow_host)
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
     except socket.gaierror as error:
