@@ -127,6 +127,15 @@ DEFAULT_HOST = "127.0.0.1"    # prod's default address
 DEFAULT_PORT = 6666           # prod's default address
 DEFAULT_MAX_EVENTS = 100000   # events kept; closed ones are dropped first (Store)
 DEFAULT_MAX_HISTORY = 1000    # dispatches kept per event, the create included (Store)
+DEFAULT_MAX_STORE_MB = 256    # the store's memory as a whole, in MiB (Store, "the bound")
+# What the store-wide bound counts besides request bodies, measured with tracemalloc
+# on CPython 3.11 and rounded up: an update with an op_id takes its body's size
+# plus 690-730 bytes (its tuple, its op_id and send-status records, its place in
+# the eviction order); a create of the page's example (248 bytes) 1105 bytes in
+# all, which the bound counts as 300 + 800 + 248 twice (its body stands for the
+# event's first fields and for its create).
+STORE_DISPATCH_OVERHEAD_BYTES = 800
+STORE_EVENT_OVERHEAD_BYTES = 300
 DEFAULT_MAX_REQUESTS = 1000   # entries kept by the request journal; 0 turns it off
 MAX_CHANNELS = 10000          # registered channels, the start-up ones included
 MAX_FAULTS = 1000             # queued fault entries
@@ -1080,6 +1089,19 @@ REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_
 #   longest ago is dropped (with its op_id records), or, if every event is
 #   open, create answers 503 store_full and nothing is lost.  Both cost O(1) in
 #   the number of events.
+# - The bound: the store's memory as a whole is at most max_store_mb MiB, as it
+#   counts it: each dispatch its request body's bytes plus
+#   STORE_DISPATCH_OVERHEAD_BYTES, each event STORE_EVENT_OVERHEAD_BYTES plus
+#   its current fields (the create's body bytes at first, then each field a
+#   dispatch replaces or an attrs patch sets by its size as JSON: attrs patches
+#   accumulate on the event while its history is trimmed).  Past it, the event
+#   closed longest ago is dropped first, then the oldest dispatch after a
+#   create across all events (counted in its event's history_dropped, its op_id
+#   record and send status going with it), O(1) amortised.  What the request
+#   itself applies is never dropped to make room: when nothing else can be
+#   freed (every event is open and holds only its create), a create answers
+#   503 store_full and nothing is lost, and an update or close is applied (the
+#   bound is overshot by one body at most).
 # - One lock guards it all, and dispatch() does steps 13-16 under it, so a
 #   request is replayed, refused or applied whole, never half.  Reads copy the
 #   records under the lock and build their views outside it, so that a listing
@@ -1101,9 +1123,9 @@ REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_
 
 EVENT_KEYS = ("event_id", "channel_id", "thing_id", "state", "title", "description", "status",
               "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
-              "created_at", "updated_at", "history", "history_dropped")
-_CHANNEL, _THING, _STATE, _HISTORY = (EVENT_KEYS.index(key)
-                                      for key in ("channel_id", "thing_id", "state", "history"))
+              "created_at", "updated_at", "history", "history_dropped", "stored_bytes")
+_CHANNEL, _THING, _STATE, _HISTORY, _DROPPED, _STORED = (EVENT_KEYS.index(key) for key in (
+    "channel_id", "thing_id", "state", "history", "history_dropped", "stored_bytes"))
 
 
 def _pack(event):
@@ -1142,7 +1164,7 @@ def _new_event(event_id, channel_id, thing_id, received_at):
             "state": "ongoing", "title": None, "description": None, "status": None,
             "message": None, "severity": None, "tags": (), "images": (), "attrs": None,
             "started_at": None, "ended_at": None, "created_at": received_at,
-            "updated_at": received_at, "history": (), "history_dropped": 0}
+            "updated_at": received_at, "history": (), "history_dropped": 0, "stored_bytes": 0}
 
 
 def _merge(event, fields):
@@ -1159,11 +1181,38 @@ def _merge(event, fields):
         event[name] = value
 
 
+def _json_bytes(value):
+    """A value's size as JSON, as the store-wide bound counts it."""
+    return len(json.dumps(value, ensure_ascii=False))
+
+
+def _fields_growth(event, fields):
+    """How many bytes an event's current fields grow by (or shrink, below 0) when a
+    dispatch's fields are merged in: each field it replaces by its size as JSON,
+    and each key an attrs patch sets or deletes.  Costs what the request's fields
+    and the values they replace weigh, not what the event holds."""
+    growth = 0
+    for name, value in fields.items():
+        if name == "attrs":
+            attrs = event["attrs"] or {}
+            for key, item in value.items():
+                old = attrs.get(key)
+                if old is not None:
+                    growth -= _json_bytes(key) + _json_bytes(old)
+                if item is not None:
+                    growth += _json_bytes(key) + _json_bytes(item)
+        elif name in BUSINESS_FIELDS or name in ("started_at", "ended_at"):
+            old = event.get(name)
+            growth += _json_bytes(value) - (0 if old is None else _json_bytes(old))
+    return growth
+
+
 # One accepted request of an event's history, as one flat tuple: (route, op_id,
-# event_time, received_at, metadata, send status, then the fields it carried in
-# DISPATCH_FIELDS order, None where it did not carry one).  The send status is
-# SEND_STATUS_DEFAULT until a test sets another, and then (status, updated_at).
-_D_OP_ID, _D_RECEIVED_AT, _D_SEND_STATUS = 1, 3, 5
+# event_time, received_at, metadata, send status, the bytes the store-wide bound
+# counts for it, then the fields it carried in DISPATCH_FIELDS order, None where
+# it did not carry one).  The send status is SEND_STATUS_DEFAULT until a test
+# sets another, and then (status, updated_at).
+_D_OP_ID, _D_RECEIVED_AT, _D_SEND_STATUS, _D_BYTES = 1, 3, 5, 6
 
 
 def _send_status_of(dispatch):
@@ -1177,7 +1226,7 @@ def _dispatch_view(dispatch):
     return {"route": route, "op_id": op_id, "event_time": event_time,
             "received_at": received_at,
             "fields": {name: _copy_json(value)
-                       for name, value in zip(DISPATCH_FIELDS, dispatch[6:])
+                       for name, value in zip(DISPATCH_FIELDS, dispatch[7:])
                        if value is not None},
             "metadata": _copy_json(metadata),
             "send_status": _send_status_of(dispatch)[0]}
@@ -1195,6 +1244,7 @@ def _send_status_view(dispatch, event_id):
 def _event_view(record):
     """An event as the admin routes show it (README, "Test-support routes"), a copy."""
     view = _copy_json(_unpack(record))
+    del view["stored_bytes"]                # the store's own accounting
     view["attrs"] = view["attrs"] or {}
     view["history"] = [_dispatch_view(dispatch) for dispatch in record[_HISTORY]]
     return view
@@ -1249,23 +1299,31 @@ class EventStore:
     """
 
     def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY,
-                 answers=None, conflict_code="op_id_conflict", new_op_id=None):
+                 answers=None, conflict_code="op_id_conflict", new_op_id=None,
+                 max_store_mb=DEFAULT_MAX_STORE_MB):
         self.max_events = max_events
         self.max_history = max_history
+        self.max_store_bytes = max_store_mb * 1024 * 1024
         self.answers = answers or _dispatch_answers(LINES[DEFAULT_LINE])
         self.conflict_code = conflict_code
         self.new_op_id = new_op_id or (lambda received_at: _new_hex_id())
         self.lock = threading.Lock()
         self.changed = _Signal()
+        self.stored_bytes = 0                      # what the bound counts, all events together
         self._events = {}                          # event_id -> packed event, oldest first
         self._closed = collections.OrderedDict()   # event_id -> None, closed longest ago first
         self._ops = {}                             # channel_id -> {op_id: (digest, body, seq)}
         self._sent = {}                            # op_id -> event_id of its latest dispatch
+        # Every dispatch after a create, oldest first, as (event_id, its number among
+        # its event's dispatches after the create); one whose number is below its
+        # event's history_dropped was dropped already, and is skipped.
+        self._after_creates = collections.deque()
+        self._kept_after_creates = 0
 
     def __len__(self):
         return len(self._events)
 
-    def dispatch(self, route, channel_id, op_id, digest, fields, received_at):
+    def dispatch(self, route, channel_id, op_id, digest, fields, received_at, body_bytes=0):
         """Steps 13-16 for one validated request.
 
         Returns (200 body, op_id, event_id, seq, replayed): seq is a one-item
@@ -1273,7 +1331,8 @@ class EventStore:
         request, so that a replay can name the request it replays.  fields
         holds the request's normalised fields (FIELD_RULES) and is consumed.
         digest identifies the request for op_id replays (Idempotency);
-        received_at is the server's receive time in integer Unix milliseconds.
+        received_at is the server's receive time in integer Unix milliseconds;
+        body_bytes the request body's length, which the store-wide bound counts.
         """
         with self.lock:
             ops = self._ops.setdefault(channel_id, {})
@@ -1284,21 +1343,19 @@ class EventStore:
                     raise GatewayError(self.conflict_code, "op_id was already used in this "
                                        "channel for a different request; use a new op_id")
                 return known_body, op_id, json.loads(known_body)["data"]["event_id"], seq, True
-            if op_id is None:
-                op_id = self.new_op_id(received_at)     # absent -> generated (digest stays None)
             thing_id = fields.pop("thing_id", None)
             event_time = fields.pop("event_time")
             metadata = fields.pop("metadata", None)
             event_id = fields.pop("event_id", None)
-            dispatch = (route, op_id, event_time, received_at, metadata, SEND_STATUS_DEFAULT,
-                        *map(fields.get, DISPATCH_FIELDS))
-            fields.pop("ciphertext", None)
+            carried = tuple(map(fields.get, DISPATCH_FIELDS))   # before any default is set
+            cost = body_bytes + STORE_DISPATCH_OVERHEAD_BYTES
             if route == CREATE:
-                # 15. Capacity.
-                self._make_room()
+                # 15. Capacity: max_events, then the store-wide bound.
+                grown = cost + STORE_EVENT_OVERHEAD_BYTES + body_bytes
+                self._make_room(grown, creating=True)
                 event = _new_event(_new_event_id(), channel_id, thing_id, received_at)
+                event["stored_bytes"] = STORE_EVENT_OVERHEAD_BYTES + body_bytes
                 fields.setdefault("started_at", event_time)
-                event["history"] = (dispatch,)
             else:
                 # 14. Event state.
                 event = self._open_event(channel_id, event_id, thing_id)
@@ -1310,11 +1367,26 @@ class EventStore:
                                            "the event's started_at (%d ms)" % (
                                                " (defaulted from event_time)" if defaulted
                                                else "", event["started_at"]))
+                # 15. The store-wide bound: room for this dispatch and what its fields add.
+                grown = cost + _fields_growth(event, fields)
+                self._make_room(grown, creating=False)
+                event = _unpack(self._events[event["event_id"]])    # as making room left it
+                event["stored_bytes"] += grown - cost
+                if route == CLOSE:
                     fields["state"] = "closed"
                     self._closed[event["event_id"]] = None
                 fields["updated_at"] = received_at
-                self._append(event, dispatch, ops)
             # 16. Apply, record the op_id, answer with the request's own thing.
+            if op_id is None:
+                op_id = self.new_op_id(received_at)     # absent -> generated (digest stays None)
+            dispatch = (route, op_id, event_time, received_at, metadata, SEND_STATUS_DEFAULT,
+                        cost) + carried
+            fields.pop("ciphertext", None)
+            if route == CREATE:
+                event["history"] = (dispatch,)
+            else:
+                self._append(event, dispatch, ops)
+            self.stored_bytes += grown
             _merge(event, fields)
             event_id = event["event_id"]
             with_thing, without = self.answers
@@ -1329,23 +1401,42 @@ class EventStore:
         return body, op_id, event_id, seq, False
 
     def _append(self, event, dispatch, ops):
-        """Add a dispatch to an event's history, dropping the oldest after the create
-        when the history is full: O(1) either way (the lock is held)."""
+        """Add a dispatch after the create to an event's history, dropping the oldest
+        after the create when the history is full: O(1) either way (the lock is held)."""
         history = event["history"]
         if type(history) is tuple:
             history = event["history"] = collections.deque(history)
+        self._after_creates.append((event["event_id"],
+                                    event["history_dropped"] + len(history) - 1))
+        self._kept_after_creates += 1
         history.append(dispatch)
         if len(history) > self.max_history:
             dropped = history[1]
             del history[1]
-            self._forget(ops, dropped[_D_OP_ID], event["event_id"])
+            self._forget(ops, dropped, event["event_id"])
             event["history_dropped"] += 1
+        if len(self._after_creates) > 2 * self._kept_after_creates + 1024:
+            self._compact_after_creates()
 
-    def _forget(self, ops, op_id, event_id):
-        """A dropped dispatch's op_id record and send status go with it."""
+    def _forget(self, ops, dispatch, event_id):
+        """A dropped dispatch after a create: its bytes, op_id record and send status
+        go with it."""
+        op_id = dispatch[_D_OP_ID]
         ops.pop(op_id, None)
         if self._sent.get(op_id) == event_id:
             del self._sent[op_id]
+        self.stored_bytes -= dispatch[_D_BYTES]
+        self._kept_after_creates -= 1
+
+    def _compact_after_creates(self):
+        """Leave out the entries of dispatches dropped already (by max_history or with
+        their event): run when they are half the order or more, so O(1) amortised."""
+        kept = collections.deque()
+        for event_id, number in self._after_creates:
+            record = self._events.get(event_id)
+            if record is not None and number >= record[_DROPPED]:
+                kept.append((event_id, number))
+        self._after_creates = kept
 
     def _open_event(self, channel_id, event_id, thing_id):
         record = self._events.get(event_id)
@@ -1359,22 +1450,56 @@ class EventStore:
                                "thing_id differs from the one the event was created with")
         return event
 
-    def _make_room(self):
-        """Drop the event closed longest ago, or refuse when all are open. O(1)."""
-        if len(self._events) < self.max_events:
-            return
-        if not self._closed:
-            raise GatewayError("store_full", "event store is full (%d open events); close "
-                               "some events or restart with a larger --max-events" % self.max_events)
-        self._drop(next(iter(self._closed)))
+    def _make_room(self, grown, creating):
+        """Step 15: room for an event (creating) and for grown more bytes, O(1)
+        amortised (the lock is held)."""
+        if creating and len(self._events) >= self.max_events:
+            if not self._closed:
+                raise GatewayError("store_full", "event store is full (%d open events); close "
+                                   "some events or restart with a larger --max-events"
+                                   % self.max_events)
+            self._drop(next(iter(self._closed)))
+        while self.stored_bytes + grown > self.max_store_bytes:
+            if self._closed:
+                self._drop(next(iter(self._closed)))        # closed longest ago first
+            elif not self._drop_oldest_after_create():
+                if creating:
+                    raise GatewayError("store_full", "event store is full (%d MiB in %d open "
+                                       "events); close some events or restart with a larger "
+                                       "--max-store-mb" % (self.max_store_bytes >> 20,
+                                                           len(self._events)))
+                return          # an update or close is applied: over by this one body at most
+
+    def _drop_oldest_after_create(self):
+        """Drop the oldest dispatch after a create across all events; False when there
+        is none (the lock is held)."""
+        while self._after_creates:
+            event_id, number = self._after_creates.popleft()
+            record = self._events.get(event_id)
+            if record is None or number != record[_DROPPED]:
+                continue                    # dropped already, with its event or by max_history
+            history = record[_HISTORY]
+            dropped = history[1]
+            del history[1]
+            self._forget(self._ops.get(record[_CHANNEL], {}), dropped, event_id)
+            self._events[event_id] = (record[:_DROPPED] + (record[_DROPPED] + 1,)
+                                      + record[_DROPPED + 1:])
+            return True
+        return False
 
     def _drop(self, event_id):
         """Remove one event with its op_id records (the lock is held): O(its history)."""
         record = self._events.pop(event_id)
         self._closed.pop(event_id, None)
         ops = self._ops.get(record[_CHANNEL], {})
-        for dispatch in record[_HISTORY]:
-            self._forget(ops, dispatch[_D_OP_ID], event_id)
+        history = record[_HISTORY]
+        create = history[0]
+        ops.pop(create[_D_OP_ID], None)
+        if self._sent.get(create[_D_OP_ID]) == event_id:
+            del self._sent[create[_D_OP_ID]]
+        self.stored_bytes -= create[_D_BYTES] + record[_STORED]
+        for index in range(1, len(history)):
+            self._forget(ops, history[index], event_id)
 
     def clear(self):
         """Drop every event and op_id record; returns how many events there were."""
@@ -1384,6 +1509,8 @@ class EventStore:
             self._closed.clear()
             self._ops.clear()
             self._sent.clear()
+            self._after_creates.clear()
+            self._kept_after_creates = self.stored_bytes = 0
         self.changed.notify()
         return count
 
@@ -1852,13 +1979,14 @@ class _Request:
     the journal and the log line show."""
 
     __slots__ = ("method", "path", "query", "authority", "headers", "client", "received_at",
-                 "route", "segment", "doc", "channel_id", "op_id", "event_id", "note", "fault",
-                 "seq")
+                 "route", "segment", "doc", "body_bytes", "channel_id", "op_id", "event_id",
+                 "note", "fault", "seq")
 
     def __init__(self, method, target, headers, client=None):
         self.method, self.headers, self.client = method, headers, client
         self.path, self.query, self.authority = _split_target(target)
         self.received_at = self.route = self.segment = self.doc = self.channel_id = None
+        self.body_bytes = 0
         self.op_id = self.event_id = self.note = self.fault = self.seq = None
 
     def add_note(self, *note):
@@ -1921,6 +2049,7 @@ class EventGateway:
     channels         {channel_id: password}; None registers the page's example channel
     max_events       events kept (Store)
     max_history      dispatches kept per event, the create included (Store)
+    max_store_mb     the store's memory as a whole, in MiB, as the bound counts it (Store)
     max_requests     entries kept by the request journal; 0 turns it off
     rate_limit       answer production 1.3's rate limit with 429 (step 2a); needs
                      line 1.3 and no token
@@ -1934,14 +2063,15 @@ class EventGateway:
     def __init__(self, token=None, channels=None, max_events=DEFAULT_MAX_EVENTS,
                  max_history=DEFAULT_MAX_HISTORY, max_requests=DEFAULT_MAX_REQUESTS, seed=0,
                  clock=time.time, log=None, gateway_version=DEFAULT_LINE, rate_limit=False,
-                 allow_hosts=()):
+                 allow_hosts=(), max_store_mb=DEFAULT_MAX_STORE_MB):
         if channels is None:
             channels = {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD}
         if gateway_version not in LINES:
             raise ValueError("gateway_version must be one of %s" % ", ".join(LINES))
-        if max_events < 1 or max_history < 2 or max_requests < 0:
+        if max_events < 1 or max_history < 2 or max_requests < 0 or max_store_mb < 1:
             raise ValueError("max_events must be at least 1, max_history at least 2 (the "
-                             "create and one more), max_requests at least 0")
+                             "create and one more), max_requests at least 0, max_store_mb "
+                             "at least 1")
         line = self.line = LINES[gateway_version]
         if rate_limit and (line.rate_limit is None or token is not None):
             raise ValueError("rate_limit needs a line with a rate limit (1.3) and no token: "
@@ -1949,7 +2079,8 @@ class EventGateway:
         self.token = token
         names = {name.strip().lower().rstrip(".") for name in allow_hosts}
         self.allowed_hosts = None if "*" in names else frozenset(names)   # None: any Host
-        self.store = EventStore(max_events, max_history, answers=_dispatch_answers(line),
+        self.store = EventStore(max_events, max_history, max_store_mb=max_store_mb,
+                                answers=_dispatch_answers(line),
                                 conflict_code=line.op_id_conflict,
                                 new_op_id=_op_id_maker(line))
         self.journal = RequestJournal(max_requests)
@@ -2087,11 +2218,13 @@ class EventGateway:
                 "limits": {"max_events": self.store.max_events,
                            "max_history": self.store.max_history,
                            "max_requests": self.journal.max_requests,
+                           "max_store_mb": self.store.max_store_bytes >> 20,
                            "max_channels": MAX_CHANNELS, "max_faults": MAX_FAULTS,
                            "max_body_bytes": MAX_BODY_BYTES,
                            "idle_timeout_s": self.idle_timeout_s,
                            "rate_limit_per_ip": RATE_LIMIT_PER_IP,
-                           "rate_limit_total": RATE_LIMIT_TOTAL}}
+                           "rate_limit_total": RATE_LIMIT_TOTAL},
+                "store_bytes": self.store.stored_bytes}
 
     def faults(self):
         with self._faults_lock:
@@ -2313,6 +2446,7 @@ class EventGateway:
             self._check_content_type(request.headers)           # step 4
             self._check_body_size(request.method, None if body is None else len(body))  # step 5
             request.doc = parse_json_body(body)                 # steps 6-7
+            request.body_bytes = len(body)
         elif body is not None:
             self._check_body_size(request.method, len(body))    # step 5: a body read, then ignored
         result = route(request)                                 # steps 8-16 are the route's
@@ -2550,7 +2684,7 @@ class EventGateway:
         op_id = fields.pop("op_id", None)
         digest = None if op_id is None else _request_digest(route, path_thing, doc)
         body, request.op_id, request.event_id, seq, replayed = self.store.dispatch(
-            route, channel_id, op_id, digest, fields, request.received_at)
+            route, channel_id, op_id, digest, fields, request.received_at, request.body_bytes)
         if replayed:
             request.add_note("replay", seq)
         else:
@@ -3279,6 +3413,9 @@ def build_parser():
     parser.add_argument("--max-history", type=_at_least(2), default=DEFAULT_MAX_HISTORY,
                         help="dispatches kept per event, the create included; older updates "
                              "are dropped (default %(default)s)")
+    parser.add_argument("--max-store-mb", type=_at_least(1), default=DEFAULT_MAX_STORE_MB,
+                        help="the store's memory as a whole, in MiB: past it, closed events "
+                             "and then the oldest updates are dropped (default %(default)s)")
     parser.add_argument("--max-requests", type=_at_least(0), default=DEFAULT_MAX_REQUESTS,
                         help="requests kept by the journal (GET /__admin/requests, the page); "
                              "0 turns it off (default %(default)s)")
@@ -3369,7 +3506,7 @@ def main(argv=None):
                            max_history=args.max_history, max_requests=args.max_requests,
                            seed=args.seed, log=None if args.quiet else sys.stderr,
                            gateway_version=args.gateway_version, rate_limit=args.rate_limit,
-                           allow_hosts=args.allow_host)
+                           allow_hosts=args.allow_host, max_store_mb=args.max_store_mb)
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
     except socket.gaierror as error:

@@ -1244,8 +1244,10 @@ def test_admin_info_names_the_line_the_version_and_every_bound():
             "gateway_version": line, "module_version": eg.__version__, "auth": False,
             "rate_limit": rate_limit,
             "limits": {"max_events": 7, "max_history": 1000, "max_requests": 1000,
-                       "max_channels": 10000, "max_faults": 1000, "max_body_bytes": 32768,
-                       "idle_timeout_s": 5.0, "rate_limit_per_ip": 60, "rate_limit_total": 1200}}
+                       "max_store_mb": 256, "max_channels": 10000, "max_faults": 1000,
+                       "max_body_bytes": 32768, "idle_timeout_s": 5.0,
+                       "rate_limit_per_ip": 60, "rate_limit_total": 1200},
+            "store_bytes": 0}
     assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", eg.__version__)
 
 
@@ -1924,6 +1926,122 @@ def test_memory_stays_bounded_while_events_churn():
         post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id, op_id="close-%d" % i))
     assert len(gw.store) == 50
     assert sum(len(ops) for ops in gw.store._ops.values()) == 100
+
+
+# The store-wide bound: what it counts, in what order it frees, and what it never drops.
+BIG = "c" * 20000            # a ciphertext that makes a body of about 20 KB
+
+
+def counted(gw):
+    """What the bound should count, recomputed from the stored records."""
+    total = 0
+    for record in gw.store._events.values():
+        total += record[eg._STORED] + sum(d[eg._D_BYTES] for d in record[eg._HISTORY])
+    return total
+
+
+def big_update(gw, event_id, op_id):
+    return post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, op_id=op_id,
+                                          ciphertext=BIG))
+
+
+@LOCAL_ONLY
+def test_store_bound_drops_closed_events_first_then_the_oldest_updates():
+    gw = make_gateway(max_store_mb=1)
+    first, closed, third = create(gw), create(gw), create(gw)
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=closed))
+    sent = []
+    for i in range(60):                   # about 21 KB counted each: past 1 MiB
+        event_id = first if i % 2 == 0 else third
+        assert big_update(gw, event_id, "u%d" % i)[0] == 200
+        sent.append("u%d" % i)
+        assert gw.store.stored_bytes == counted(gw)
+        assert gw.store.stored_bytes <= gw.store.max_store_bytes
+    # The closed event went first, then the oldest updates, across both events.
+    assert [e["event_id"] for e in gw.events()] == [first, third]
+    kept = [d["op_id"] for e in gw.events() for d in e["history"][1:]]
+    dropped = sum(e["history_dropped"] for e in gw.events())
+    assert dropped > 0 and sorted(kept, key=lambda op: int(op[1:])) == sent[dropped:]
+    assert [e["history"][0]["route"] for e in gw.events()] == [eg.CREATE] * 2   # creates kept
+    # A dropped dispatch's op_id record and send status went with it.
+    assert gw.send_status("u0") is None and gw.send_status(sent[-1]) is not None
+    assert big_update(gw, first, "u0")[0] == 200          # now a new request, not a replay
+    assert gw.info()["store_bytes"] == gw.store.stored_bytes == counted(gw)
+
+
+@LOCAL_ONLY
+def test_store_bound_refuses_a_create_when_nothing_can_be_freed():
+    gw = make_gateway(max_store_mb=1)
+    created = 0
+    while True:
+        status, _, envelope = post(gw, eg.CREATE, valid_body(eg.CREATE, ciphertext=BIG))
+        if status != 200:
+            break
+        created += 1
+    assert_error((status, {}, envelope), 503, "store_full", "--max-store-mb")
+    assert len(gw.events()) == created > 10                # nothing was lost
+    # An update or close is still applied: the bound is overshot by one body at most.
+    event_id = gw.events()[0]["event_id"]
+    assert big_update(gw, event_id, "over")[0] == 200
+    assert gw.store.stored_bytes <= gw.store.max_store_bytes + 2 * len(BIG) + 2000
+    assert post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))[0] == 200
+    # Once an event is closed, a create can take its room.
+    assert post(gw, eg.CREATE, valid_body(eg.CREATE, ciphertext=BIG))[0] == 200
+    assert event_id not in [e["event_id"] for e in gw.events()]
+
+
+@LOCAL_ONLY
+def test_store_bound_counts_attrs_that_accumulate_on_an_event():
+    # With a history of 2 the updates are trimmed, but their attrs stay on the event.
+    gw = make_gateway(max_history=2)
+    event_id = create(gw)
+    before = gw.store.stored_bytes
+    for i in range(50):
+        post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id,
+                                       attrs={"key-%02d" % i: "v" * 1000}))
+    assert len(gw.event(event_id)["history"]) == 2
+    assert gw.store.stored_bytes - before >= 50 * 1000
+    assert gw.store.stored_bytes == counted(gw)
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id,
+                                   attrs={"key-%02d" % i: None for i in range(50)}))
+    assert gw.store.stored_bytes - before < 5000 and gw.store.stored_bytes == counted(gw)
+
+
+@LOCAL_ONLY
+@pytest.mark.skipif(not hasattr(sys, "getrefcount") or sys.implementation.name != "cpython",
+                    reason="tracemalloc counts CPython's allocations only")
+def test_store_memory_holds_its_bound_under_a_soak():
+    import tracemalloc
+    gw = make_gateway(max_store_mb=2, max_requests=0)
+    body = {"ciphertext": "s" * 8000}
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        events = [create(gw, **body) for _ in range(20)]
+        for i in range(3000):                 # 24 MB sent, 12 times the bound
+            event_id = events[i % 20]
+            if i % 97 == 96:                  # now and then an event ends and another begins
+                post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))
+                events[i % 20] = event_id = create(gw, **body)
+            status = post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id,
+                                                    attrs={"n": i}, **body))[0]
+            assert status == 200
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    # The bound (2 MiB) plus a stated margin of 1 MiB for what the bound does not count
+    # (the channels' op_id tables, the dict of events).
+    assert grown < 3 * 1024 * 1024, grown
+    assert gw.store.stored_bytes <= gw.store.max_store_bytes
+    assert len(gw.store._after_creates) <= 2 * gw.store._kept_after_creates + 1024
+
+
+@LOCAL_ONLY
+def test_store_bound_default_and_cli():
+    assert eg.DEFAULT_MAX_STORE_MB == 256
+    assert eg.EventGateway().info()["limits"]["max_store_mb"] == 256
+    with pytest.raises(ValueError, match="max_store_mb"):
+        eg.EventGateway(max_store_mb=0)
 
 
 # Test-support routes #########################################################
@@ -3750,6 +3868,7 @@ def test_cli_port_in_use_says_what_to_do(live):
     pytest.param(["--max-history", "1"], ["--max-history", "at least 2"], id="history-1"),
     pytest.param(["--max-requests", "-1"], ["--max-requests", "at least 0"], id="requests-minus-1"),
     pytest.param(["--seed", "x"], ["--seed", "whole number"], id="seed-word"),
+    pytest.param(["--max-store-mb", "0"], ["--max-store-mb", "at least 1"], id="store-0"),
     pytest.param(["--gateway-version", "1.4"], ["--gateway-version", "1.2", "1.3"],
                  id="gateway-version-1.4"),
     pytest.param(["--rate-limit", "--gateway-version", "1.2"], ["--rate-limit", "1.3"],
