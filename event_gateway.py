@@ -36,6 +36,11 @@ line's record in LINES:
 
  1. Unknown path: 404 route_not_found (no token needed to learn this).  The
     routes of one line only (LINE_ROUTES) are unknown paths in the other.
+ 1a. Local safety, on the page and /__admin/ only: a Host that is not an IP
+    literal, localhost, *.localhost or an allowed name: 403 host_not_allowed
+    (DNS rebinding); under /__admin/, a request another web site made a
+    browser send (a foreign Origin, Sec-Fetch-Site cross-site or same-site):
+    403 cross_site_request.
  2. Gateway token, when one is set: 401 authentication_failed.
  2a. Line 1.3 without a token, an event route: production's rate limit per
     calendar minute (Line.rate_limit), counted once the method passed step 3:
@@ -62,7 +67,9 @@ line's record in LINES:
 13. Idempotency: a known op_id replays its answer or conflicts (409).
 14. Event state: 404 event_not_found, 409 event_closed, 409
     thing_id_mismatch, 400 invalid_ended_at.
-15. Store capacity: 503 store_full.
+15. Store capacity (max_events, and the store-wide bound max_store_mb): room
+    is made by dropping closed events, then the oldest updates; a create that
+    cannot find room is 503 store_full.
 16. Apply atomically and answer 200.
 
 Every answer is JSON in production's form: a success is {"success": true,
