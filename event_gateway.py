@@ -155,6 +155,7 @@ IDLE_TIMEOUT_S = 5.0          # a connection with no byte for this long is close
 MAX_IDLE_TIMEOUT_S = 3600     # the longest --idle-timeout accepted
 LISTEN_BACKLOG = 1024         # the stdlib's 5 drops connections under 64 concurrent clients
 ACCEPT_BACKOFF_S = 0.1        # pause before accepting again when out of file descriptors
+STOP_GRACE_S = 2.0            # a stopping server lets a request under way answer this long
 MAX_FAULT_DELAY_MS = 60000    # longest delay_ms of a queued fault
 MAX_RETRY_AFTER_S = 3600      # longest retry_after_s of a queued fault
 MAX_WAIT_MS = 30000           # longest ?wait_ms= of the admin lists
@@ -1078,7 +1079,9 @@ FAULT_DEFAULTS = MappingProxyType({"route": None, "kind": "status", "status": No
                                    "count": 1, "delay_ms": 0, "retry_after_s": None,
                                    "probability": 1})
 EVENT_FILTERS = ("channel_id", "thing_id", "state", "wait_ms", "count")
-REQUEST_FILTERS = ("path", "status", "error_code", "channel_id", "after", "wait_ms", "count")
+REQUEST_FILTERS = ("method", "path", "status", "error_code", "channel_id", "after", "wait_ms",
+                   "count")
+DROPPED = "dropped"      # ?status=dropped: the requests whose connection was dropped unanswered
 
 
 # Store #########################################################################
@@ -1665,8 +1668,8 @@ def _error_body(code, message, status, locale="en", request_id=None):
 JOURNAL_KEYS = ("seq", "received_at", "method", "path", "query", "headers", "body",
                 "body_bytes", "status", "error_code", "error", "response", "request_id", "op_id",
                 "event_id", "channel_id", "fault", "note", "duration_ms")
-_SEQ, _J_PATH, _J_STATUS, _J_CODE, _J_CHANNEL = (JOURNAL_KEYS.index(key) for key in (
-    "seq", "path", "status", "error_code", "channel_id"))
+_SEQ, _J_METHOD, _J_PATH, _J_STATUS, _J_CODE, _J_CHANNEL = (JOURNAL_KEYS.index(key) for key in (
+    "seq", "method", "path", "status", "error_code", "channel_id"))
 MASK = "***"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
@@ -1771,12 +1774,16 @@ class RequestJournal:
                 changed.condition.notify_all()
             return changed.version
 
-    def matching(self, path=None, status=None, error_code=None, channel_id=None, after=None):
+    def matching(self, method=None, path=None, status=None, error_code=None, channel_id=None,
+                 after=None):
+        """The entries that pass every given filter (status DROPPED: no answer sent)."""
         with self.changed.lock:
             entries = list(self._entries)
+        answered = None if status == DROPPED else status
         return [entry for entry in entries
-                if (path is None or entry[_J_PATH] == path)
-                and (status is None or entry[_J_STATUS] == status)
+                if (method is None or entry[_J_METHOD] == method)
+                and (path is None or entry[_J_PATH] == path)
+                and (status is None or entry[_J_STATUS] == answered)
                 and (error_code is None or entry[_J_CODE] == error_code)
                 and (channel_id is None or entry[_J_CHANNEL] == channel_id)
                 and (after is None or entry[_SEQ] > after)]
@@ -1960,16 +1967,25 @@ def _event_filters(channel_id=None, thing_id=None, state=None):
             "thing_id": thing_id, "state": state}
 
 
-def _request_filters(path=None, status=None, error_code=None, channel_id=None, after=None):
-    """The checks of GET /__admin/requests' filters, for HTTP and Python alike."""
-    for name, value in (("path", path), ("error_code", error_code)):
+def _request_filters(method=None, path=None, status=None, error_code=None, channel_id=None,
+                     after=None):
+    """The checks of GET /__admin/requests' filters, for HTTP and Python alike: a
+    filter that could match nothing is an error, not an empty list."""
+    for name, value in (("method", method), ("path", path), ("error_code", error_code)):
         if value is not None and not isinstance(value, str):
             raise GatewayError("invalid_filter", "%s filter must be a string" % name)
     if path is not None and not path.startswith("/"):
         raise GatewayError("invalid_filter", "path filter must start with / (a path such as "
                            "/event/create); this one does not")
-    return {"path": path, "error_code": error_code,
-            "status": None if status is None else _whole_number("status", status, 100, 599, text=True),
+    if method is not None and method != method.upper():
+        raise GatewayError("invalid_filter", "method filter is case-sensitive, as HTTP methods "
+                           "are: use %s" % _printable(method.upper()[:20]))
+    if error_code is not None and error_code not in ERRORS:
+        raise GatewayError("invalid_filter", "error_code filter is not a code this gateway "
+                           "answers (see its ERRORS table)")
+    if status is not None and status != DROPPED:
+        status = _whole_number("status", status, 100, 599, text=True)
+    return {"method": method, "path": path, "error_code": error_code, "status": status,
             "channel_id": None if channel_id is None else _channel_filter(channel_id),
             "after": None if after is None else _whole_number("after", after, 0, 10 ** 18, text=True)}
 
@@ -2142,9 +2158,11 @@ class EventGateway:
         """One stored event as GET /__admin/events/{event_id} shows it, or None."""
         return self.store.get(event_id)
 
-    def requests(self, path=None, status=None, error_code=None, channel_id=None, after=None):
-        """The request journal, oldest first, as GET /__admin/requests shows it."""
-        filters = _request_filters(path, status, error_code, channel_id, after)
+    def requests(self, path=None, status=None, error_code=None, channel_id=None, after=None,
+                 method=None):
+        """The request journal, oldest first, as GET /__admin/requests shows it;
+        status="dropped" selects the requests whose connection was dropped."""
+        filters = _request_filters(method, path, status, error_code, channel_id, after)
         return [_request_view(entry) for entry in self.journal.matching(**filters)]
 
     def wait_for_events(self, count=1, timeout=5.0, channel_id=None, thing_id=None, state=None):
@@ -2161,10 +2179,10 @@ class EventGateway:
         return views
 
     def wait_for_requests(self, count=1, timeout=5.0, path=None, status=None, error_code=None,
-                          channel_id=None, after=None):
+                          channel_id=None, after=None, method=None):
         """Wait until count journal entries match the filters; returns them, or
         raises AssertionError after timeout seconds with what the gateway did receive."""
-        filters = _request_filters(path, status, error_code, channel_id, after)
+        filters = _request_filters(method, path, status, error_code, channel_id, after)
         found = self._wait(self.journal, lambda: self.journal.matching(**filters), count, timeout)
         if len(found) < count:
             raise AssertionError("waited %gs for %d request(s) with %s; the gateway received: %s" % (
@@ -3039,6 +3057,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         dict of lower-cased names; a repeated name's values are joined with ", "
         as RFC 9110 §5.3 allows.  Then keep-alive and Expect are decided.
         """
+        self.server.request_started(self.connection)
         self.command, self.path, self.headers = None, "", {}
         self.request_version = "HTTP/1.1"     # what an answer sent before the version says
         self.close_connection = True
@@ -3083,6 +3102,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if version == "HTTP/1.1" and headers.get("expect", "").lower() == "100-continue":
             return self.handle_expect_100()
         return True
+
+    def handle_one_request(self):
+        # A request is under way from its first line to its answer: a server that
+        # stops lets it answer (section "HTTP shell", close_connections).
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.request_done(self.connection)
 
     def setup(self):
         # In place of StreamRequestHandler.setup(), for the idle timeout's sake
@@ -3196,6 +3223,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD" and status != 204:     # a HEAD answer carries its own
             head.append("Content-Length: %d\r\n" % len(body))
         head.append("Date: %s\r\nServer: %s\r\n" % (self.server.http_date(), self.server_version))
+        if self.server.closing.is_set():
+            self.close_connection = True        # the server stops: this is the last answer
         if self.close_connection:
             head.append("Connection: close\r\n")
         elif self.request_version == "HTTP/1.0":
@@ -3205,6 +3234,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         pass    # the gateway writes the one log line per request
+
+
+def _shut(connection):
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass        # already closed by its client
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -3222,8 +3258,10 @@ class _Server(http.server.ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self._date = (0, "")
         self._connections = set()
+        self._busy = set()                      # connections with a request under way
         self._connections_lock = threading.Lock()
-        self._closing = threading.Event()
+        self._idle = threading.Condition(self._connections_lock)
+        self.closing = threading.Event()
         super().__init__(address, _Handler)
 
     def http_date(self):
@@ -3248,7 +3286,7 @@ class _Server(http.server.ThreadingHTTPServer):
             # Out of descriptors, the listening socket stays readable: without a
             # pause, serve_forever() would call accept() again at once, forever.
             if error.errno in (errno.EMFILE, errno.ENFILE):
-                self._closing.wait(ACCEPT_BACKOFF_S)
+                self.closing.wait(ACCEPT_BACKOFF_S)
             raise
 
     def process_request(self, request, client_address):
@@ -3259,7 +3297,18 @@ class _Server(http.server.ThreadingHTTPServer):
     def shutdown_request(self, request):
         with self._connections_lock:
             self._connections.discard(request)
+            self._busy.discard(request)
+            self._idle.notify_all()
         super().shutdown_request(request)
+
+    def request_started(self, connection):
+        with self._connections_lock:
+            self._busy.add(connection)
+
+    def request_done(self, connection):
+        with self._connections_lock:
+            self._busy.discard(connection)
+            self._idle.notify_all()
 
     def stop(self):
         """Make serve_forever() return now, not after its poll interval: shutdown()
@@ -3277,16 +3326,21 @@ class _Server(http.server.ThreadingHTTPServer):
             stopping.join(0.002)
 
     def close_connections(self):
-        """End every open connection (keep-alive ones included) and every wait."""
-        self._closing.set()
+        """End every wait and every open connection (keep-alive ones included).
+
+        A request under way answers first, with what there is (a wait ends at
+        once), for at most STOP_GRACE_S; an idle connection is closed at once."""
+        self.closing.set()
         self.gateway.stop_waiting()
+        deadline = time.monotonic() + STOP_GRACE_S
         with self._connections_lock:
+            for connection in self._connections - self._busy:
+                _shut(connection)
+            while self._busy and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
             connections = list(self._connections)
         for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass        # already closed by its client
+            _shut(connection)
         # A handler thread then reads EOF, answers nothing more and closes its socket.
 
     def handle_error(self, request, client_address):
@@ -3449,6 +3503,10 @@ def build_parser():
                              "which browsers and clients may reach the page and /__admin/, "
                              "such as a container's service name; repeatable; '*' allows any "
                              "(the guard against DNS rebinding is then off)")
+    parser.add_argument("--ready-file", metavar="PATH", default=None,
+                        help="once the socket listens, write the base URL (such as "
+                             "http://127.0.0.1:41234) to PATH, and remove it on exit: how a "
+                             "test in any language learns the port of --port 0")
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
@@ -3460,15 +3518,25 @@ def _parse_channels(parser, specs):
         channel_id, sep, password = spec.partition(":")
         try:
             if not sep:
-                raise GatewayError("invalid_password", "missing :PASSWORD")
+                raise GatewayError("invalid_password", "give the channel as ID:PASSWORD")
             canonical = check_channel_id(channel_id)     # the id first, as in step 10
             channels[canonical] = check_password(password)
         except GatewayError as error:
             # The message names the rule, never the password.
-            parser.error("--channel %s:...: %s" % (_printable(channel_id[:40]), error.message))
+            parser.error("--channel %s%s: %s" % (_printable(channel_id[:40]),
+                                                 ":..." if sep else "", error.message))
     if len(channels) > MAX_CHANNELS:
         parser.error("at most %d --channel options" % MAX_CHANNELS)
     return channels or None
+
+
+def _write_ready_file(path, url):
+    """Write the base URL to path, whole or not at all (a reader that sees the file
+    sees the URL): written beside it, then renamed into place."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as ready:
+        ready.write(url + "\n")
+    os.replace(partial, path)
 
 
 def _raise_descriptor_limit():
@@ -3521,16 +3589,22 @@ def main(argv=None):
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
     except socket.gaierror as error:
-        print("event_gateway: cannot listen on %s: the host does not resolve (%s); give an "
-              "address such as 127.0.0.1 or ::1" % (_printable(args.host[:80]), error.strerror),
-              file=sys.stderr)
-        return 1
+        parser.error("--host %s does not resolve (%s); give an address such as 127.0.0.1 or ::1"
+                     % (_printable(args.host[:80]), error.strerror))
     except OSError as error:
         hint = (" (try another --port, or --port 0)" if error.errno == errno.EADDRINUSE else "")
         print("event_gateway: cannot listen on %s port %d: %s%s"
               % (_printable(args.host[:80]), args.port, error.strerror or error, hint),
               file=sys.stderr)
         return 1
+
+    if args.ready_file is not None:
+        try:
+            _write_ready_file(args.ready_file, server.url.rstrip("/"))
+        except OSError as error:
+            server.server_close()
+            parser.error("cannot write --ready-file %s: %s"
+                         % (_printable(args.ready_file[:200]), error.strerror or error))
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever() to return, so it cannot run on this thread.
@@ -3554,6 +3628,9 @@ def main(argv=None):
     finally:
         server.close_connections()
         server.server_close()
+        if args.ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(args.ready_file)
     return 0
 
 

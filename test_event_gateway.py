@@ -2728,6 +2728,9 @@ def test_journal_filters_and_seq(gw):
     pytest.param("wait_ms=1.5", id="wait-fraction"),
     pytest.param("count=0", id="count-0"),
     pytest.param("count=1001", id="count-1001"),
+    pytest.param("path=event/create", id="path-without-slash"),
+    pytest.param("method=post", id="method-lower-case"),
+    pytest.param("error_code=no_such_code", id="unknown-error-code"),
 ])
 def test_journal_bad_filter(gw, query):
     assert_error(call(gw, "GET", "/__admin/requests?" + query), 400, "invalid_filter")
@@ -2743,6 +2746,38 @@ def test_python_filters_run_the_http_checks(gw):
     assert raised.value.code == "invalid_filter"
     with pytest.raises(eg.GatewayError):
         gw.requests(status="x")
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("filters, message", [
+    pytest.param({"path": "event/create"}, "start with /", id="path"),
+    pytest.param({"method": "post"}, "use POST", id="method"),
+    pytest.param({"status": "x"}, "status", id="status"),
+    pytest.param({"error_code": "invalid-status"}, "error_code", id="error-code"),
+])
+def test_a_filter_that_could_match_nothing_raises_in_python_too(filters, message):
+    gw = make_gateway()
+    for call_it in (lambda: gw.requests(**filters),
+                    lambda: gw.wait_for_requests(timeout=0, **filters)):
+        with pytest.raises(eg.GatewayError, match=message):
+            call_it()
+
+
+@LOCAL_ONLY
+def test_method_and_dropped_filters():
+    gw = make_gateway()
+    create(gw)
+    gw.handle("PUT", eg.CREATE, JSON_HEADERS, b"{}")
+    gw.add_fault(eg.CREATE, kind="drop")
+    gw.handle("POST", eg.CREATE, JSON_HEADERS, json.dumps(valid_body(eg.CREATE)).encode())
+    assert [r["method"] for r in gw.requests(method="PUT")] == ["PUT"]
+    assert [(r["method"], r["status"]) for r in gw.requests(method="POST")] == [
+        ("POST", 200), ("POST", None)]
+    (dropped,) = gw.requests(status="dropped")
+    assert dropped["status"] is None and dropped["fault"]["kind"] == "drop"
+    assert gw.wait_for_requests(status="dropped", timeout=0) == [dropped]
+    status, _, envelope = call(gw, "GET", "/__admin/requests?status=dropped&method=POST")
+    assert [r["seq"] for r in envelope["data"]["requests"]] == [dropped["seq"]]
 
 
 @LOCAL_ONLY
@@ -2831,6 +2866,32 @@ def test_waits_end_when_the_gateway_stops(gw):
     waiting = in_thread(lambda: gw._wait(gw.store, gw.store.matching, 5, 30))
     gw.stop_waiting()
     assert waiting() == []
+
+
+@LOCAL_ONLY
+def test_stopping_the_server_answers_a_wait_with_what_there_is():
+    gateway = make_gateway()
+    with eg.serve_in_thread(gateway) as served:
+        create(gateway)
+        conn = http.client.HTTPConnection(*address(served.url), timeout=10)
+        idle = http.client.HTTPConnection(*address(served.url), timeout=10)
+        idle.request("GET", "/healthz")
+        idle.getresponse().read()               # a kept-alive connection with nothing under way
+
+        def long_poll():
+            conn.request("GET", "/__admin/events?count=5&wait_ms=30000")
+            response = conn.getresponse()
+            return response.status, response.getheader("Connection"), json.loads(response.read())
+
+        answer = in_thread(long_poll)
+        assert wait_until(lambda: gateway.store.changed.waiting, 5)     # the wait has begun
+    status, connection, envelope = answer()
+    assert (status, connection, len(envelope["data"]["events"])) == (200, "close", 1)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        idle.request("GET", "/healthz")
+        idle.getresponse()
+    conn.close()
+    idle.close()
 
 
 # Reset ###############################################################################
@@ -3904,8 +3965,45 @@ def test_cli_last_passing_values():
 def test_cli_host_that_does_not_resolve_says_so():
     result = subprocess.run([sys.executable, SCRIPT, "--host", "no-such-host.invalid"],
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and "does not resolve" in result.stderr
+    assert result.returncode == 2 and "does not resolve" in result.stderr      # a bad value
     assert "--port" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@LOCAL_ONLY
+def test_cli_channel_message_shows_only_what_was_typed():
+    result = subprocess.run([sys.executable, SCRIPT, "--channel", CHANNEL], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    assert "--channel %s: give the channel as ID:PASSWORD" % CHANNEL in result.stderr
+    result = subprocess.run([sys.executable, SCRIPT, "--channel", CHANNEL + ":short"],
+                            capture_output=True, text=True, timeout=20)
+    assert "--channel %s:...: password" % CHANNEL in result.stderr
+
+
+@LOCAL_ONLY
+def test_cli_ready_file_holds_the_url_while_it_listens(tmp_path):
+    ready = tmp_path / "gateway.url"
+    process, line, url = start_cli("--ready-file", str(ready))
+    try:
+        # The start-up line comes after the file is written.
+        assert ready.read_text(encoding="utf-8") == url + "\n"
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn.request("GET", "/readyz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert not (tmp_path / "gateway.url.partial").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    assert not ready.exists()
+
+
+@LOCAL_ONLY
+def test_cli_ready_file_that_cannot_be_written_is_a_usage_error(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--port", "0", "--ready-file",
+                             str(tmp_path / "no-such-dir" / "url")],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and "cannot write --ready-file" in result.stderr
 
 
 @LOCAL_ONLY
