@@ -479,9 +479,12 @@ def _too_long(field, limit):
     return "%s is too long (max %d characters)" % (field, limit)
 
 
-def _too_long_bytes(subject, limit):
-    # subject is "<field> items are" or "<field> keys are": these limits count each item.
-    return "%s too long (max %d bytes of UTF-8)" % (subject, limit)
+def _too_long_bytes(where, text, limit):
+    """An item over its limit in UTF-8 bytes, named by where it is and how it starts
+    (tags, images and metadata hold no secrets), with its size and the limit."""
+    start = text if len(text) <= 24 else text[:21] + "..."
+    return "%s (`%s`) is %d bytes of UTF-8, over the limit of %d" % (
+        where, _printable(start), _utf8_bytes(text), limit)
 
 
 def _must_be(field, what):
@@ -861,14 +864,15 @@ def _string_list(field, value, code, max_items, max_bytes):
     if len(value) > max_items:       # counted before de-duplication
         raise GatewayError(code, "%s has too many items (max %d)" % (field, max_items))
     items = []
-    for item in value:
+    for index, item in enumerate(value):
         if not isinstance(item, str):
             raise GatewayError(code, _must_be(field, "an array of strings"))
         text = item.strip()
         if not text:
-            raise GatewayError(code, "%s items must be non-empty" % field)
+            raise GatewayError(code, "%s[%d] is empty; %s items must be non-empty"
+                               % (field, index, field))
         if _utf8_bytes(text) > max_bytes:
-            raise GatewayError(code, _too_long_bytes(field + " items are", max_bytes))
+            raise GatewayError(code, _too_long_bytes("%s[%d]" % (field, index), text, max_bytes))
         items.append(text)
     return tuple(dict.fromkeys(items))    # de-duplicated after trim, first order kept
 
@@ -932,8 +936,8 @@ def check_metadata(value):
         if not name:
             raise GatewayError("metadata_key_required", "metadata keys must be non-empty")
         if _utf8_bytes(name) > METADATA_KEY_MAX_BYTES:
-            raise GatewayError("metadata_key_too_long",
-                               _too_long_bytes("metadata keys are", METADATA_KEY_MAX_BYTES))
+            raise GatewayError("metadata_key_too_long", _too_long_bytes(
+                "a metadata key", name, METADATA_KEY_MAX_BYTES))
         if name in seen:
             raise GatewayError("metadata_key_duplicate", "metadata keys must be unique after trimming")
         seen.add(name)
@@ -941,8 +945,8 @@ def check_metadata(value):
         if not text:
             raise GatewayError("metadata_value_required", "metadata values must be non-empty")
         if _utf8_bytes(text) > METADATA_VALUE_MAX_BYTES:
-            raise GatewayError("metadata_value_too_long",
-                               _too_long_bytes("metadata values are", METADATA_VALUE_MAX_BYTES))
+            raise GatewayError("metadata_value_too_long", _too_long_bytes(
+                "metadata[%s]" % json.dumps(name[:24]), text, METADATA_VALUE_MAX_BYTES))
     return value      # stored as sent
 
 

@@ -1604,6 +1604,33 @@ def test_line_1_3_op_id_starts_with_the_receive_time_in_hex():
     assert op_id.startswith("001")          # Unix ms today are 11 hex digits, zero-padded
 
 
+@pytest.mark.parametrize("changes, code, message", [
+    pytest.param({"tags": ["db", "\u754c" * 22]}, "invalid_tags",
+                 "tags[1] (`" + "\u754c" * 22 + "`) is 66 bytes of UTF-8, over the limit of 64",
+                 id="tag-named-with-its-bytes"),
+    pytest.param({"tags": ["db", " "]}, "invalid_tags", "tags[1] is empty", id="empty-tag-named"),
+    pytest.param({"images": ["x" * 2049]}, "invalid_images", "images[0] (`xxxxxxxxxxxxxxxxxxxxx...`) "
+                 "is 2049 bytes of UTF-8, over the limit of 2048", id="image-named-with-its-bytes"),
+    pytest.param({"metadata": {"k" * 65: 1}}, "metadata_key_too_long", "is 65 bytes of UTF-8",
+                 id="metadata-key"),
+    pytest.param({"metadata": {"region": "r" * 513}}, "metadata_value_too_long",
+                 'metadata["region"] (`rrrrrrrrrrrrrrrrrrrrr...`) is 513 bytes', id="metadata-value"),
+])
+def test_byte_limit_messages_name_the_item_and_its_size(gw, changes, code, message):
+    assert_error(post(gw, eg.CREATE, valid_body(eg.CREATE, **changes)), 400, code, message)
+
+
+@pytest.mark.parametrize("ended_at, words", [
+    pytest.param(DROP, "ended_at (defaulted from event_time) must not be before", id="defaulted"),
+    pytest.param(T0 - 10, "ended_at must not be before the event's started_at (%d ms)"
+                 % (T0 * 1000), id="sent"),
+])
+def test_ended_at_message_says_when_it_was_defaulted(gw, ended_at, words):
+    event_id = create(gw)
+    body = valid_body(eg.CLOSE, event_id=event_id, event_time=T0 - 10, ended_at=ended_at)
+    assert_error(post(gw, eg.CLOSE, body), 400, "invalid_ended_at", words)
+
+
 @LOCAL_ONLY
 def test_every_field_rule_is_in_table_order():
     assert [name for name, _ in eg.FIELD_RULES] == [
