@@ -1799,17 +1799,236 @@ class RequestJournal:
             return count
 
 
+# Channels ######################################################################
+
+# A dummy to compare a password with when the channel is unknown, so that an
+# unknown channel and a wrong password take the same time (step 10).
+_DUMMY_PASSWORD = "x" * PASSWORD_MAX_BYTES
+
+
+class Channels:
+    """The registered channels, id -> password, with their own lock: at most
+    MAX_CHANNELS, the start-up ones included, which a reset puts back.  Passwords
+    are compared in constant time, never shown, logged or stored elsewhere."""
+
+    def __init__(self, channels):
+        self._lock = threading.Lock()
+        self._passwords = {}
+        for channel_id, password in channels.items():
+            self.register(channel_id, password)
+        self._start = dict(self._passwords)
+
+    def register(self, channel_id, password):
+        """Add a channel, or replace its password; returns the canonical id."""
+        channel_id, password = check_channel_id(channel_id), check_password(password)
+        with self._lock:
+            if channel_id not in self._passwords and len(self._passwords) >= MAX_CHANNELS:
+                raise GatewayError("too_many_channels", "at most %d channels can be registered; "
+                                   "reset the gateway to drop the added ones" % MAX_CHANNELS)
+            self._passwords[channel_id] = password
+        return channel_id
+
+    def ids(self):
+        with self._lock:
+            return list(self._passwords)
+
+    def reset(self):
+        with self._lock:
+            self._passwords = dict(self._start)
+
+    def authenticate(self, channel_id, password, request):
+        """Step 10's lookup: an unknown channel is 404, a known one with another
+        password 403, as production tells them apart; returns the channel id.  Both
+        compare a password (a dummy for an unknown channel), so they take the same
+        time; the journal's note of an unknown channel names some registered ids."""
+        expected = self._passwords.get(channel_id)
+        matches = _same_secret(password, _DUMMY_PASSWORD if expected is None else expected)
+        if expected is None:
+            with self._lock:
+                known = list(itertools.islice(self._passwords, 3))
+                more = len(self._passwords) > 3
+            request.add_note("unknown_channel", channel_id,
+                             ", ".join(known) + (", ..." if more else "") if known else "none")
+            raise GatewayError("channel_not_found", "no channel with this channel_id is "
+                               "registered; register it or use a registered one")
+        if not matches:
+            raise GatewayError("password_mismatch", "password does not match this channel's")
+        return _shared_label(channel_id)    # stored with each event: one copy, not one per event
+
+
+# Faults ########################################################################
+#
+# A test queues faults to see how its client copes when the gateway fails.  What
+# a fault does, in one place:
+# - route: the action it strikes, /event/create, /event/update, /event/close, or
+#   "*" for any of the three; a thing-scoped route strikes as its action.
+# - It strikes right after steps 1-3 (path, token, method): a request those steps
+#   refuse is not struck and uses up nothing; every other request of its route is
+#   struck, also one that a later step would refuse.  Faults are matched in queue
+#   order; each strike uses up one of its count, and the entry goes when none is
+#   left.  With probability < 1 a matching request is struck by chance (drawn
+#   from the queue's generator, seeded by --seed, so a run repeats); a request not
+#   struck passes on to the next queued fault, or is handled.
+# - kind "status", when "before": after delay_ms, the request is answered with
+#   status (and the code production uses for it, FAULT_CODES) and nothing changes.
+# - kind "status", when "after": the request is handled in full, and applied if
+#   valid; then, after delay_ms, its answer is replaced by the fault's.  The
+#   answer is lost: a retry with the same op_id and body gets the original 200,
+#   byte for byte, and nothing is applied twice.
+# - kind "drop": as "status", but the connection is closed with no answer at all,
+#   as a crashed proxy would; "before" applies nothing, "after" applies it.
+# - kind "slow": the request waits delay_ms, then is handled as usual.
+# - A client that retries a struck create twice meets a fault of count 3 three
+#   times: the create and both retries are struck.
+# The queue holds at most MAX_FAULTS entries; a request whose route no entry names
+# pays one dictionary look-up, and nothing at all while the queue is empty.
+
+# A queued fault: its route, kind, status, when, strikes left, delay,
+# Retry-After and the probability that a matching request is struck.
+Fault = collections.namedtuple("Fault", tuple(FAULT_DEFAULTS))
+
+
+class _Drop(Exception):
+    """A fault of kind "drop" struck: the answer is no answer at all."""
+
+
+def _fault_error(fault):
+    """The answer of a fault of kind "status"."""
+    headers = _AUTH_CHALLENGE if fault.status == 401 else ()
+    if fault.retry_after_s is not None:
+        headers = (("Retry-After", str(fault.retry_after_s)),)
+    return GatewayError(FAULT_CODES[fault.status], "injected fault: this request was failed on "
+                        "purpose by a fault queued on the gateway", headers=headers)
+
+
+def _check_fault(doc):
+    """A fault as POST /__admin/faults and add_fault() take it, or invalid_fault naming
+    the field.  null means the field's default."""
+    fault = {name: (FAULT_DEFAULTS[name] if doc.get(name) is None else doc[name])
+             for name in FAULT_DEFAULTS}
+    if fault["route"] not in EVENT_ROUTES + ("*",):
+        raise GatewayError("invalid_fault", "route must be /event/create, /event/update, "
+                           "/event/close or *")
+    if fault["kind"] not in ("status", "drop", "slow"):
+        raise GatewayError("invalid_fault", "kind must be status, drop or slow")
+    if fault["kind"] == "status":
+        if not _is_number(fault["status"]) or fault["status"] not in FAULT_CODES:
+            raise GatewayError("invalid_fault", "status must be 401, 429, 500 or 503")
+        fault["status"] = int(fault["status"])
+    elif fault["status"] is not None:
+        raise GatewayError("invalid_fault", "status must be left out for kind %s" % fault["kind"])
+    if fault["when"] not in ("before", "after"):
+        raise GatewayError("invalid_fault", "when must be before or after")
+    if fault["kind"] == "slow" and fault["when"] == "after":
+        raise GatewayError("invalid_fault", "when cannot be after for kind slow (it fails nothing)")
+    _whole_number("count", fault["count"], 1, 10 ** 9, code="invalid_fault")
+    _whole_number("delay_ms", fault["delay_ms"], 0, MAX_FAULT_DELAY_MS, code="invalid_fault")
+    if fault["retry_after_s"] is not None:
+        if fault["status"] not in (429, 503):
+            raise GatewayError("invalid_fault", "retry_after_s goes only with status 429 or 503")
+        _whole_number("retry_after_s", fault["retry_after_s"], 1, MAX_RETRY_AFTER_S,
+                      code="invalid_fault")
+    probability = fault["probability"]
+    if not (_is_number(probability) and _is_finite(probability) and 0 < probability <= 1):
+        raise GatewayError("invalid_fault", "probability must be a number above 0 and at most 1")
+    return Fault(**fault)
+
+
+class FaultQueue:
+    """The queued faults, in order, with their own lock (the rules above).
+
+    stopping is an Event that ends every delay at once when the gateway stops."""
+
+    def __init__(self, seed=0, stopping=None):
+        self._lock = threading.Lock()
+        self._faults = []                          # [Fault], count = strikes left
+        self._routes = collections.Counter()       # route -> queued entries, for O(1) misses
+        self._random = random.Random(seed)
+        self._stopping = stopping or threading.Event()
+
+    def __bool__(self):
+        """Whether anything is queued: while nothing is, a request skips the queue."""
+        return bool(self._routes)
+
+    def add(self, doc):
+        """Queue the fault doc describes (its fields, None for a default); returns the
+        strikes queued in all.  A bad field is invalid_fault, one too many entries
+        too_many_faults."""
+        fault = _check_fault(doc)
+        with self._lock:
+            if len(self._faults) >= MAX_FAULTS:
+                raise GatewayError("too_many_faults", "at most %d faults can be queued; clear "
+                                   "them with DELETE /__admin/faults" % MAX_FAULTS)
+            self._faults.append(fault)
+            self._routes[fault.route] += 1
+            return sum(f.count for f in self._faults)
+
+    def view(self):
+        with self._lock:
+            return [fault._asdict() for fault in self._faults]
+
+    def clear(self):
+        """Empty the queue; returns how many strikes were left."""
+        with self._lock:
+            cleared = sum(f.count for f in self._faults)
+            self._faults.clear()
+            self._routes.clear()
+            return cleared
+
+    def strike(self, action, request):
+        """After step 3: the first queued fault for action that strikes.  A "before"
+        fault answers now (raises its GatewayError, or _Drop); an "after" one is
+        kept on the request for lost_answer(); a "slow" one waits, then lets the
+        request go on."""
+        with self._lock:
+            if not (self._routes[action] or self._routes["*"]):
+                return
+            fault = self._take(action)
+        if fault is None:
+            return
+        request.fault = fault
+        if fault.kind == "slow" or fault.when == "after":
+            if fault.kind == "slow":
+                self.pause(fault.delay_ms)
+            return
+        self.pause(fault.delay_ms)
+        if fault.kind == "drop":
+            raise _Drop()
+        raise _fault_error(fault)
+
+    def lost_answer(self, fault):
+        """What an "after" fault makes of a handled request's answer, once its delay
+        has passed: None for a dropped connection, else the fault's GatewayError."""
+        self.pause(fault.delay_ms)
+        return None if fault.kind == "drop" else _fault_error(fault)
+
+    def _take(self, action):
+        """The first queued fault for action that strikes, one strike used (lock held)."""
+        for index, fault in enumerate(self._faults):
+            if fault.route not in (action, "*"):
+                continue
+            if fault.probability < 1 and self._random.random() >= fault.probability:
+                continue        # not struck: on to the next queued fault
+            if fault.count > 1:
+                self._faults[index] = fault._replace(count=fault.count - 1)
+            else:
+                del self._faults[index]
+                self._routes[fault.route] -= 1
+                if not self._routes[fault.route]:
+                    del self._routes[fault.route]
+            return fault._replace(count=1)
+        return None
+
+    def pause(self, delay_ms):
+        if delay_ms:
+            self._stopping.wait(delay_ms / 1000)
+
+
 # Sans-I/O core #################################################################
 
 _CONTENT_LENGTH = re.compile(r"[0-9]+")
 _HTTP_VERSION = re.compile(r"HTTP/[0-9]+\.[0-9]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 token
-
-# A queued fault (README, "Faults"): its route ("*" for any event route), kind
-# ("status", "drop" or "slow"), status, when ("before" or "after"), strikes
-# left, delay, Retry-After and the probability that a matching request is struck.
-Fault = collections.namedtuple("Fault", tuple(FAULT_DEFAULTS))
-
 
 def _lower_headers(headers):
     """Header names lower-cased once; accepts a mapping or (name, value) pairs."""
@@ -2025,16 +2244,8 @@ class _Request:
         self.note = (self.note or ()) + (note,)
 
 
-class _Drop(Exception):
-    """A fault of kind "drop" struck: the answer is no answer at all."""
-
-
 # What a route answers when it is not the JSON envelope (the page, the icon).
 _Raw = collections.namedtuple("_Raw", "status headers body")
-
-# A dummy to compare a password with when the channel is unknown, so that an
-# unknown channel and a wrong password take the same time (step 10).
-_DUMMY_PASSWORD = "x" * PASSWORD_MAX_BYTES
 
 
 class _RateCounter:
@@ -2119,16 +2330,9 @@ class EventGateway:
         self.log = log
         self.internal_errors = []       # tracebacks of unexpected exceptions (a 500 each)
         self.idle_timeout_s = IDLE_TIMEOUT_S     # the HTTP shell's, shown by info()
-        self._channels = {}
-        self._channels_lock = threading.Lock()
-        for channel_id, password in channels.items():
-            self.register_channel(channel_id, password)
-        self._start_channels = dict(self._channels)
-        self._faults = []               # [Fault] in queue order, count = strikes left
-        self._fault_routes = collections.Counter()    # route -> queued entries, for O(1) misses
-        self._faults_lock = threading.Lock()
-        self._random = random.Random(seed)
+        self.channels = Channels(channels)
         self._stopping = threading.Event()
+        self.fault_queue = FaultQueue(seed, self._stopping)
         # Step 2a: production counts only when it has no token.
         self.rate_limit = bool(rate_limit)
         self._rate = (None if line.rate_limit is None or token is not None
@@ -2143,16 +2347,11 @@ class EventGateway:
     def register_channel(self, channel_id, password):
         """What POST /__admin/channels does: add a channel, or replace its password;
         returns the canonical id."""
-        channel_id, password = check_channel_id(channel_id), check_password(password)
-        with self._channels_lock:
-            if channel_id not in self._channels and len(self._channels) >= MAX_CHANNELS:
-                raise GatewayError("too_many_channels", "at most %d channels can be registered; "
-                                   "reset the gateway to drop the added ones" % MAX_CHANNELS)
-            self._channels[channel_id] = password
-        return channel_id
+        return self.channels.register(channel_id, password)
 
     def channel_ids(self):
-        return list(self._channels)
+        """The registered channel ids (never their passwords)."""
+        return self.channels.ids()
 
     def events(self, channel_id=None, thing_id=None, state=None):
         """The stored events, oldest first, as GET /__admin/events shows them."""
@@ -2209,8 +2408,7 @@ class EventGateway:
         Drops every event, op_id record, journal entry, queued fault, recorded
         internal error and rate-limit count, and puts back the start-up
         channels.  seq and the fault generator's state go on."""
-        with self._channels_lock:
-            self._channels = dict(self._start_channels)
+        self.channels.reset()
         del self.internal_errors[:]
         if self._rate is not None:
             self._rate.clear()
@@ -2221,17 +2419,12 @@ class EventGateway:
                   retry_after_s=None, probability=1):
         """What POST /__admin/faults does, with the same checks; returns strikes queued.
 
-        Any argument may be None, meaning its default (as null in JSON)."""
-        fault = _check_fault({"route": route, "status": status, "count": count,
-                              "delay_ms": delay_ms, "when": when, "kind": kind,
-                              "retry_after_s": retry_after_s, "probability": probability})
-        with self._faults_lock:
-            if len(self._faults) >= MAX_FAULTS:
-                raise GatewayError("too_many_faults", "at most %d faults can be queued; clear "
-                                   "them with DELETE /__admin/faults" % MAX_FAULTS)
-            self._faults.append(fault)
-            self._fault_routes[fault.route] += 1
-            return sum(f.count for f in self._faults)
+        Any argument may be None, meaning its default (as null in JSON).  What a
+        fault does: the section "Faults" of this module."""
+        return self.fault_queue.add({"route": route, "status": status, "count": count,
+                                     "delay_ms": delay_ms, "when": when, "kind": kind,
+                                     "retry_after_s": retry_after_s,
+                                     "probability": probability})
 
     def send_status(self, op_id):
         """What GET /send_status/{op_id} shows (in either line), or None."""
@@ -2260,16 +2453,12 @@ class EventGateway:
                 "store_bytes": self.store.stored_bytes}
 
     def faults(self):
-        with self._faults_lock:
-            return [fault._asdict() for fault in self._faults]
+        """What GET /__admin/faults shows: the queued faults, count as strikes left."""
+        return self.fault_queue.view()
 
     def clear_faults(self):
         """What DELETE /__admin/faults does; returns how many strikes were left."""
-        with self._faults_lock:
-            cleared = sum(f.count for f in self._faults)
-            self._faults.clear()
-            self._fault_routes.clear()
-            return cleared
+        return self.fault_queue.clear()
 
     def stop_waiting(self, stopping=True):
         """End every wait now (the server stops), or let waits wait again."""
@@ -2366,12 +2555,11 @@ class EventGateway:
             message = "internal error in the gateway; see its log"
         fault = request.fault
         if fault is not None and fault.when == "after" and status is not None:
-            # The request was handled in full; its answer is now lost.
-            self._pause(fault.delay_ms)
-            if fault.kind == "drop":
+            # The request was handled in full; its answer is now lost (section "Faults").
+            error = self.fault_queue.lost_answer(fault)
+            if error is None:
                 status, extra, payload = None, (), b""
             else:
-                error = _fault_error(fault)
                 status, extra, code, message = error.status, error.headers, error.code, error.message
         request_id = _new_hex_id()
         headers = [("X-Request-Id", request_id)] if raw or status == 405 else [
@@ -2473,8 +2661,8 @@ class EventGateway:
         """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
         route = self._check_route_auth_method(request)          # steps 1-3 (and 2a)
         self._count_rate(request)                               # step 2a
-        if self._fault_routes:
-            self._strike_before(request)                        # a queued fault
+        if self.fault_queue and request.route in EVENT_ACTIONS:  # a queued fault strikes here
+            self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
         if request.method == "POST" and request.path not in BODYLESS_POSTS:
             self._check_content_type(request.headers)           # step 4
             self._check_body_size(request.method, None if body is None else len(body))  # step 5
@@ -2496,8 +2684,9 @@ class EventGateway:
             # Refused from the head: handle() will not see this request, so it is
             # counted (and may be rate limited) here.
             self._count_rate(request)
-            if self._fault_routes:
-                self._strike_before(request)    # a fault strikes before steps 4-5 would refuse
+            if self.fault_queue and request.route in EVENT_ACTIONS:
+                # A fault strikes before steps 4-5 would refuse.
+                self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
             raise
         return None
 
@@ -2607,52 +2796,6 @@ class EventGateway:
             raise GatewayError("payload_too_large",
                                "body is larger than %d bytes" % MAX_BODY_BYTES)
 
-    def _strike_before(self, request):
-        """After step 3: the first queued fault that matches strikes (README, "Faults").
-
-        Callers skip it while nothing is queued; O(1) when no queued fault names
-        this route.  A "before" fault answers
-        now; an "after" one is kept on the request for _answer(); "slow" waits."""
-        path = EVENT_ACTIONS.get(request.route)     # a thing-scoped route strikes as its action
-        if path is None:
-            return
-        with self._faults_lock:
-            if not (self._fault_routes[path] or self._fault_routes["*"]):
-                return
-            fault = self._take_fault(path)
-        if fault is None:
-            return
-        request.fault = fault
-        if fault.kind == "slow" or fault.when == "after":
-            if fault.kind == "slow":
-                self._pause(fault.delay_ms)
-            return
-        self._pause(fault.delay_ms)
-        if fault.kind == "drop":
-            raise _Drop()
-        raise _fault_error(fault)
-
-    def _take_fault(self, path):
-        """The first queued fault for path that strikes, one strike used (lock held)."""
-        for index, fault in enumerate(self._faults):
-            if fault.route not in (path, "*"):
-                continue
-            if fault.probability < 1 and self._random.random() >= fault.probability:
-                continue        # not struck: on to the next queued fault
-            if fault.count > 1:
-                self._faults[index] = fault._replace(count=fault.count - 1)
-            else:
-                del self._faults[index]
-                self._fault_routes[fault.route] -= 1
-                if not self._fault_routes[fault.route]:
-                    del self._fault_routes[fault.route]
-            return fault._replace(count=1)
-        return None
-
-    def _pause(self, delay_ms):
-        if delay_ms:
-            self._stopping.wait(delay_ms / 1000)
-
     # -- the event routes (steps 8-16) ----------------------------------------------
 
     def _route_event_create(self, request):
@@ -2748,23 +2891,8 @@ class EventGateway:
         return channel_id, check_password(doc["password"])
 
     def _authenticate_channel(self, doc, request):
-        """Step 10's lookup: an unknown channel is 404, a known one with another
-        password 403, as production tells them apart."""
-        channel_id, password = self._credentials(doc)
-        expected = self._channels.get(channel_id)
-        # Both cases compare a password, so that they take the same time.
-        matches = _same_secret(password, _DUMMY_PASSWORD if expected is None else expected)
-        if expected is None:
-            with self._channels_lock:
-                known = list(itertools.islice(self._channels, 3))
-            request.add_note("unknown_channel", channel_id,
-                             ", ".join(known) + (", ..." if len(self._channels) > 3 else "")
-                             if known else "none")
-            raise GatewayError("channel_not_found", "no channel with this channel_id is "
-                               "registered; register it or use a registered one")
-        if not matches:
-            raise GatewayError("password_mismatch", "password does not match this channel's")
-        return _shared_label(channel_id)    # stored with each event: one copy, not one per event
+        """Step 10: the credentials, then the lookup."""
+        return self.channels.authenticate(*self._credentials(doc), request)
 
     # -- liveness, the page and the test-support routes ------------------------------
 
@@ -2893,48 +3021,6 @@ def _wait_params(params):
     wait_ms = _whole_number("wait_ms", params.pop("wait_ms", "0"), 0, MAX_WAIT_MS, text=True)
     count = _whole_number("count", params.pop("count", "1"), 1, MAX_WAIT_COUNT, text=True)
     return wait_ms, count
-
-
-def _fault_error(fault):
-    """The answer of a fault of kind "status"."""
-    headers = _AUTH_CHALLENGE if fault.status == 401 else ()
-    if fault.retry_after_s is not None:
-        headers = (("Retry-After", str(fault.retry_after_s)),)
-    return GatewayError(FAULT_CODES[fault.status], "injected fault: this request was failed on "
-                        "purpose by a fault queued on the gateway", headers=headers)
-
-
-def _check_fault(doc):
-    """A fault as POST /__admin/faults and add_fault() take it, or invalid_fault naming
-    the field.  null means the field's default."""
-    fault = {name: (FAULT_DEFAULTS[name] if doc.get(name) is None else doc[name])
-             for name in FAULT_DEFAULTS}
-    if fault["route"] not in EVENT_ROUTES + ("*",):
-        raise GatewayError("invalid_fault", "route must be /event/create, /event/update, "
-                           "/event/close or *")
-    if fault["kind"] not in ("status", "drop", "slow"):
-        raise GatewayError("invalid_fault", "kind must be status, drop or slow")
-    if fault["kind"] == "status":
-        if not _is_number(fault["status"]) or fault["status"] not in FAULT_CODES:
-            raise GatewayError("invalid_fault", "status must be 401, 429, 500 or 503")
-        fault["status"] = int(fault["status"])
-    elif fault["status"] is not None:
-        raise GatewayError("invalid_fault", "status must be left out for kind %s" % fault["kind"])
-    if fault["when"] not in ("before", "after"):
-        raise GatewayError("invalid_fault", "when must be before or after")
-    if fault["kind"] == "slow" and fault["when"] == "after":
-        raise GatewayError("invalid_fault", "when cannot be after for kind slow (it fails nothing)")
-    _whole_number("count", fault["count"], 1, 10 ** 9, code="invalid_fault")
-    _whole_number("delay_ms", fault["delay_ms"], 0, MAX_FAULT_DELAY_MS, code="invalid_fault")
-    if fault["retry_after_s"] is not None:
-        if fault["status"] not in (429, 503):
-            raise GatewayError("invalid_fault", "retry_after_s goes only with status 429 or 503")
-        _whole_number("retry_after_s", fault["retry_after_s"], 1, MAX_RETRY_AFTER_S,
-                      code="invalid_fault")
-    probability = fault["probability"]
-    if not (_is_number(probability) and _is_finite(probability) and 0 < probability <= 1):
-        raise GatewayError("invalid_fault", "probability must be a number above 0 and at most 1")
-    return Fault(**fault)
 
 
 # HTTP shell ####################################################################

@@ -2652,8 +2652,8 @@ def test_faults_are_bounded_and_a_miss_costs_no_scan(gw, monkeypatch):
     assert_error(post(gw, "/__admin/faults", {"route": eg.CLOSE, "status": 503}), 409,
                  "too_many_faults")
     scans = []
-    real = gw._take_fault
-    monkeypatch.setattr(gw, "_take_fault", lambda path: scans.append(path) or real(path))
+    real = gw.fault_queue._take
+    monkeypatch.setattr(gw.fault_queue, "_take", lambda path: scans.append(path) or real(path))
     assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
     assert scans == []                               # no fault names /event/create: no scan
     assert post(gw, eg.CLOSE, {})[0] == 503 and scans == [eg.CLOSE]
