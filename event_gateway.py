@@ -1199,9 +1199,18 @@ def _merge(event, fields):
         event[name] = value
 
 
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _json_bytes(value):
-    """A value's size as JSON, as the store-wide bound counts it."""
-    return len(json.dumps(value, ensure_ascii=False))
+    """A value's size as JSON in characters, as the store-wide bound counts it (a
+    string's escapes are not counted: it is the size that matters, not the text)."""
+    kind = type(value)
+    if kind is str:
+        return len(value) + 2
+    if kind is int or kind is float or kind is bool:
+        return len(repr(value))           # True is as long as true
+    return len(_COMPACT_JSON(value))
 
 
 def _fields_growth(event, fields):
@@ -1221,7 +1230,8 @@ def _fields_growth(event, fields):
                     growth += _json_bytes(key) + _json_bytes(item)
         elif name in BUSINESS_FIELDS or name in ("started_at", "ended_at"):
             old = event.get(name)
-            growth += _json_bytes(value) - (0 if old is None else _json_bytes(old))
+            if value != old:
+                growth += _json_bytes(value) - (0 if old is None else _json_bytes(old))
     return growth
 
 
@@ -1387,8 +1397,8 @@ class EventStore:
                                                else "", event["started_at"]))
                 # 15. The store-wide bound: room for this dispatch and what its fields add.
                 grown = cost + _fields_growth(event, fields)
-                self._make_room(grown, creating=False)
-                event = _unpack(self._events[event["event_id"]])    # as making room left it
+                if self._make_room(grown, creating=False):
+                    event = _unpack(self._events[event["event_id"]])    # as making room left it
                 event["stored_bytes"] += grown - cost
                 if route == CLOSE:
                     fields["state"] = "closed"
@@ -1470,14 +1480,17 @@ class EventStore:
 
     def _make_room(self, grown, creating):
         """Step 15: room for an event (creating) and for grown more bytes, O(1)
-        amortised (the lock is held)."""
+        amortised (the lock is held); whether anything was dropped."""
+        dropped = False
         if creating and len(self._events) >= self.max_events:
             if not self._closed:
                 raise GatewayError("store_full", "event store is full (%d open events); close "
                                    "some events or restart with a larger --max-events"
                                    % self.max_events)
             self._drop(next(iter(self._closed)))
+            dropped = True
         while self.stored_bytes + grown > self.max_store_bytes:
+            dropped = True
             if self._closed:
                 self._drop(next(iter(self._closed)))        # closed longest ago first
             elif not self._drop_oldest_after_create():
@@ -1486,7 +1499,8 @@ class EventStore:
                                        "events); close some events or restart with a larger "
                                        "--max-store-mb" % (self.max_store_bytes >> 20,
                                                            len(self._events)))
-                return          # an update or close is applied: over by this one body at most
+                break           # an update or close is applied: over by this one body at most
+        return dropped
 
     def _drop_oldest_after_create(self):
         """Drop the oldest dispatch after a create across all events; False when there
