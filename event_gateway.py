@@ -1044,6 +1044,7 @@ ROUTES = MappingProxyType({path: _with_head(methods) for path, methods in {
                         "DELETE": "_route_admin_faults_delete"},
     "/__admin/send_status/{op_id}": {"POST": "_route_admin_send_status"},
     "/__admin/info": {"GET": "_route_admin_info"},
+    "/__admin/openapi.json": {"GET": "_route_admin_openapi"},
 }.items()})
 _ALLOW = MappingProxyType({path: ", ".join(sorted(methods)) for path, methods in ROUTES.items()})
 
@@ -1750,6 +1751,8 @@ def _note_text(note):
         if code == "replay":
             seq = args[0][0]        # the replayed request's seq, once it was journaled
             texts.append(NOTE_TEXTS["replay_unseen"] if seq is None else NOTE_TEXTS[code] % seq)
+        elif code == "rate_limit":
+            texts.append(NOTE_TEXTS[code] % (RATE_LIMIT_REASONS[len(args)] % tuple(args)))
         elif code == "ignored_fields":
             unknown, line = args
             texts.append(NOTE_TEXTS[code] % ("s" if len(unknown) > 1 else "",
@@ -2262,6 +2265,13 @@ class _Request:
 _Raw = collections.namedtuple("_Raw", "status headers body")
 
 
+# Why production 1.3 would refuse a request, by the arguments _RateCounter.over() gives.
+RATE_LIMIT_REASONS = MappingProxyType({
+    2: "over %d requests from %s this minute",      # (the per-IP count, the client)
+    1: "over %d requests in all this minute",        # (the total count,)
+})
+
+
 class _RateCounter:
     """Production 1.3's rate limit (step 2a): requests per client IP and in all,
     per calendar minute (Unix seconds // 60).  A request over either count is
@@ -2277,17 +2287,17 @@ class _RateCounter:
         self._all = 0
 
     def over(self, client, now_s):
-        """Count one request; None, or why production would refuse it (not counted)."""
+        """Count one request; None, or why production would refuse it (not counted),
+        as the arguments of a RATE_LIMIT_REASONS sentence."""
         minute = int(now_s // 60)
         with self._lock:
             if minute != self._minute:
                 self._minute, self._by_ip, self._all = minute, {}, 0
             from_ip = self._by_ip.get(client, 0)
             if from_ip >= self.per_ip:
-                return "over %d requests from %s this minute" % (self.per_ip,
-                                                                  client or "this client")
+                return (self.per_ip, client or "this client")
             if self._all >= self.total:
-                return "over %d requests in all this minute" % self.total
+                return (self.total,)
             self._by_ip[client] = from_ip + 1
             self._all += 1
             return None
@@ -2355,6 +2365,7 @@ class EventGateway:
                         for path, methods in ROUTES.items()
                         if path not in LINE_ROUTES or getattr(line, LINE_ROUTES[path])}
         self._event_route_names = ", ".join(path for path in self._routes if path in EVENT_ACTIONS)
+        self._openapi = None            # the OpenAPI document, made when first asked for
 
     # -- the embedding API ---------------------------------------------------------
 
@@ -2774,8 +2785,8 @@ class EventGateway:
             return
         if self.rate_limit:
             raise GatewayError("rate_limited", "production's rate limit: %s; wait for the next "
-                               "minute" % over)
-        request.add_note("rate_limit", over)
+                               "minute" % (RATE_LIMIT_REASONS[len(over)] % over))
+        request.add_note("rate_limit", *over)       # written out only when read
 
     def _check_token(self, authorization):
         """Step 2: exactly "Bearer <token>", compared in constant time."""
@@ -2951,6 +2962,13 @@ class EventGateway:
     def _route_admin_info(self, request):
         return self.info()
 
+    def _route_admin_openapi(self, request):
+        # The document of this gateway's line, made on first use and kept (it is
+        # the same for every request).
+        if self._openapi is None:
+            self._openapi = json.dumps(openapi_document(self.line), ensure_ascii=False).encode()
+        return _Raw(200, (("Content-Type", "application/json"),), self._openapi)
+
     def _route_admin_event_get(self, request):
         event = self.event(request.segment)
         if event is None:
@@ -3035,6 +3053,385 @@ def _wait_params(params):
     wait_ms = _whole_number("wait_ms", params.pop("wait_ms", "0"), 0, MAX_WAIT_MS, text=True)
     count = _whole_number("count", params.pop("count", "1"), 1, MAX_WAIT_COUNT, text=True)
     return wait_ms, count
+
+
+# The OpenAPI description #######################################################
+#
+# GET /__admin/openapi.json (and --openapi) answers an OpenAPI 3.1 document of the
+# running line, built from the tables above (ROUTES, the limits of the field
+# rules, FIELD_CODES, ERRORS, LINES), never written out by hand: a change to a
+# rule changes the document.  It is built once per gateway, when first asked for.
+
+# The codes each field's rule can answer (steps 10-12): with FORBIDDEN_FIELDS and
+# REQUIRED_FIELDS, what an event route's 400s document.
+FIELD_CODES = MappingProxyType({
+    "channel_id": ("channel_id_required", "invalid_channel_id"),
+    "password": ("password_required", "invalid_password"),
+    "op_id": ("invalid_op_id",),
+    "thing_id": ("invalid_thing_id",),
+    "ciphertext": ("invalid_ciphertext",),
+    "event_id": ("event_id_required", "invalid_event_id"),
+    "title": ("invalid_title",),
+    "description": ("invalid_description",),
+    "status": ("invalid_status",),
+    "message": ("invalid_message",),
+    "severity": ("invalid_severity",),
+    "event_time": ("event_time_required", "invalid_event_time"),
+    "started_at": ("invalid_started_at",),
+    "ended_at": ("invalid_ended_at",),
+    "tags": ("invalid_tags",),
+    "images": ("invalid_images",),
+    "attrs": ("invalid_attrs", "extension_object_key_required",
+              "extension_object_arrays_unsupported", "extension_object_nested_object_unsupported"),
+    "metadata": ("invalid_metadata", "metadata_value_scalar_required", "metadata_key_required",
+                 "metadata_key_too_long", "metadata_key_duplicate", "metadata_value_required",
+                 "metadata_value_too_long"),
+})
+
+# What any request may be answered, whatever its route: broken HTTP (the shell),
+# and a bug in this module.
+_ANY_ROUTE_CODES = ("bad_request", "uri_too_long", "header_fields_too_large",
+                    "http_version_not_supported", "internal_error")
+_JSON_BODY_CODES = ("missing_json_content_type", "payload_too_large", "length_required",
+                    "invalid_json_syntax", "invalid_json_data")
+_LOCAL_SAFETY_CODES = ("host_not_allowed", "cross_site_request")
+
+# What each test-support route answers besides its 200 (and the codes above).
+ADMIN_CODES = MappingProxyType({
+    ("/__admin/events", "GET"): ("invalid_filter",),
+    ("/__admin/events/{event_id}", "GET"): ("event_not_found",),
+    ("/__admin/requests", "GET"): ("invalid_filter",),
+    ("/__admin/reset", "POST"): ("payload_too_large",),
+    ("/__admin/channels", "POST"): _JSON_BODY_CODES + FIELD_CODES["channel_id"]
+    + FIELD_CODES["password"] + ("too_many_channels",),
+    ("/__admin/faults", "POST"): _JSON_BODY_CODES + ("invalid_fault", "too_many_faults"),
+    ("/__admin/send_status/{op_id}", "POST"): _JSON_BODY_CODES + (
+        "invalid_op_id", "invalid_filter", "send_status_not_found"),
+})
+
+
+def _event_route_codes(line, action, thing_scoped):
+    """Every code an event route of line can answer, in step order."""
+    codes = ["authentication_failed"] + list(_JSON_BODY_CODES)
+    if line.rate_limit is not None:
+        codes.append("rate_limited")                              # step 2a
+    if thing_scoped:
+        codes += ["invalid_thing_id", "thing_id_mismatch"]        # step 8a
+    codes += [code for _, code in FORBIDDEN_FIELDS[action]]       # step 9
+    codes += list(FIELD_CODES["channel_id"] + FIELD_CODES["password"])
+    codes += ["channel_not_found", "password_mismatch"]           # step 10
+    codes.append(REQUIRED_FIELDS[action][1])                      # step 11
+    for name, _ in FIELD_RULES:                                   # steps 11-12
+        codes += FIELD_CODES[name]
+    codes.append(line.op_id_conflict)                             # step 13
+    if action != CREATE:
+        codes += ["event_not_found", "event_closed", "thing_id_mismatch"]   # step 14
+    else:
+        codes.append("store_full")                                # step 15
+    codes += list(FAULT_CODES.values()) + list(_ANY_ROUTE_CODES)  # faults, broken HTTP, bugs
+    return list(dict.fromkeys(codes))
+
+
+def route_codes(line, path, method):
+    """Every code the route can answer in line: what its document lists."""
+    action = EVENT_ACTIONS.get(path)
+    if action is not None:
+        return _event_route_codes(line, action, path.startswith(THING_PREFIX))
+    if method == "HEAD":
+        method = "GET"
+    codes = [] if path in PUBLIC_PATHS else ["authentication_failed"]
+    if path == "/send_status/{op_id}":
+        codes += ["invalid_op_id", "send_status_not_found"]
+    if path == "/" or path.startswith(ADMIN_PREFIX):
+        codes += list(_LOCAL_SAFETY_CODES)
+    codes += list(ADMIN_CODES.get((path, method), ()))
+    return list(dict.fromkeys(codes + list(_ANY_ROUTE_CODES)))
+
+
+def _text(max_chars=None, min_chars=None, max_bytes=None, min_bytes=None, pattern=None,
+          nullable=False, description=None):
+    """A string schema; a limit in UTF-8 bytes is maxLength of that number, with the
+    x-max-utf8-bytes extension and a description that says it counts bytes."""
+    schema = {"type": ["string", "null"] if nullable else "string"}
+    if min_chars is not None:
+        schema["minLength"] = min_chars
+    if max_chars is not None:
+        schema["maxLength"] = max_chars
+    if max_bytes is not None:
+        schema["maxLength"] = max_bytes
+        schema["x-max-utf8-bytes"] = max_bytes
+    if min_bytes is not None:
+        schema["x-min-utf8-bytes"] = min_bytes
+    if pattern is not None:
+        schema["pattern"] = pattern
+    notes = [description] if description else []
+    if max_bytes is not None:
+        notes.append("At most %d bytes of UTF-8 after trimming (maxLength counts bytes here)."
+                     % max_bytes)
+    if min_bytes is not None:
+        notes.append("At least %d bytes of UTF-8 after trimming." % min_bytes)
+    if notes:
+        schema["description"] = " ".join(notes)
+    return schema
+
+
+_ID_PATTERN = "^%s$" % _ID_CHARS.pattern
+_NOT_BLANK = "\\S"              # strings are trimmed: one that is only white space is empty
+_TIMESTAMP = {"type": "integer", "minimum": 0, "exclusiveMaximum": MILLISECONDS_BELOW,
+              "description": "Unix seconds below %d, Unix milliseconds from there; a whole "
+                             "number (no fraction, no string)" % SECONDS_BELOW}
+_SCALAR = {"type": ["string", "number", "boolean"]}
+
+
+def _field_schemas():
+    """Each field of the event routes as its rule checks it, from the rule's limits."""
+    return {
+        "channel_id": _text(min_chars=CROCKFORD_SYMBOLS, description=(
+            "Crockford base32 of 128 bits: %d symbols of %s, any case; '-' and spaces are "
+            "ignored, O reads as 0, I and L as 1" % (CROCKFORD_SYMBOLS, CROCKFORD_ALPHABET))),
+        "password": _text(max_bytes=PASSWORD_MAX_BYTES, min_bytes=PASSWORD_MIN_BYTES,
+                          pattern=_NOT_BLANK),
+        "op_id": _text(max_chars=OP_ID_MAX_CHARS, pattern=_ID_PATTERN, nullable=True,
+                       description="Idempotency key; absent: the gateway generates one"),
+        "thing_id": _text(max_chars=THING_ID_MAX_CHARS, pattern=_ID_PATTERN, nullable=True),
+        "ciphertext": _text(nullable=True, description="End-to-end encrypted payload; kept "
+                                                       "with the dispatch"),
+        "event_id": _text(min_chars=1, max_chars=EVENT_ID_MAX_CHARS, pattern=_ID_PATTERN),
+        "title": _text(min_chars=1, max_chars=TITLE_MAX_CHARS, pattern=_NOT_BLANK),
+        "description": _text(max_chars=DESCRIPTION_MAX_CHARS, nullable=True),
+        "status": _text(min_chars=1, max_chars=STATUS_MAX_CHARS, pattern=_NOT_BLANK),
+        "message": _text(min_chars=1, max_chars=MESSAGE_MAX_CHARS, pattern=_NOT_BLANK),
+        "severity": {"type": "string", "enum": list(SEVERITIES),
+                     "description": "Any case; stored lower-case"},
+        "event_time": dict(_TIMESTAMP),
+        "started_at": dict(_TIMESTAMP, type=["integer", "null"]),
+        "ended_at": dict(_TIMESTAMP, type=["integer", "null"]),
+        "tags": {"type": ["array", "null"], "maxItems": TAGS_MAX_ITEMS,
+                 "items": _text(min_chars=1, max_bytes=TAG_MAX_BYTES)},
+        "images": {"type": "array", "maxItems": IMAGES_MAX_ITEMS,
+                   "items": _text(min_chars=1, max_bytes=IMAGE_MAX_BYTES)},
+        "attrs": {"type": "object", "description": "A patch: a scalar sets a key, null deletes "
+                  "it, a one-level object of scalars replaces it",
+                  "additionalProperties": {"anyOf": [
+                      {"type": ["string", "number", "boolean", "null"]},
+                      {"type": "object", "additionalProperties": {
+                          "type": ["string", "number", "boolean", "null"]}}]}},
+        "metadata": {"type": ["object", "null"],
+                     "propertyNames": _text(min_chars=1, max_bytes=METADATA_KEY_MAX_BYTES),
+                     "additionalProperties": {"anyOf": [
+                         _text(min_chars=1, max_bytes=METADATA_VALUE_MAX_BYTES),
+                         {"type": ["number", "boolean"]}]}},
+    }
+
+
+def _request_schema(line, action):
+    """The body of an event route of line: its fields, the required ones, and what
+    the route forbids (false: must be absent; null: may be null)."""
+    fields = _field_schemas()
+    names, _ = REQUIRED_FIELDS[action]
+    required = ["channel_id", "password"] + ([] if action == CREATE else ["event_id"])
+    required += list(names) + ["event_time"]
+    properties = {name: fields[name] for name in ["channel_id", "password"]
+                  + [name for name, _ in FIELD_RULES]}
+    for name, _ in FORBIDDEN_FIELDS[action]:
+        null_allowed = not (name == "event_id" and action == CREATE) and not (
+            name == "ended_at" and line.refuse_null_ended_at)
+        properties[name] = {"type": "null"} if null_allowed else False
+    return {"type": "object", "required": required, "properties": properties,
+            "additionalProperties": line.ignore_unknown_fields}
+
+
+def _success_schema(data):
+    return {"type": "object", "required": ["success", "data"], "additionalProperties": False,
+            "properties": {"success": {"const": True}, "data": data}}
+
+
+def _dispatch_data_schema(line):
+    ids = _text(pattern=_ID_PATTERN)
+    generated = ("the receive time in Unix ms as 13 hex digits, '-', 32 hex digits"
+                 if line.op_id_time_prefix else "32 lowercase hex digits")
+    properties = {"channel_id": _text(description="canonical, upper case"),
+                  "op_id": dict(ids, description="the request's, or generated: " + generated),
+                  "event_id": ids, "thing_id": ids, "accepted": {"const": True}}
+    return {"type": "object", "additionalProperties": False,
+            "required": [key for key in line.success_keys if key != "thing_id"],
+            "properties": {key: properties[key] for key in line.success_keys}}
+
+
+_ERROR_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "required": ["success", "error", "error_code", "problem"],
+                 "properties": {
+                     "success": {"const": False},
+                     "error": {"type": "string"},
+                     "error_code": {"type": "string"},
+                     "problem": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def _error_schema(codes):
+    """The error envelope, its error_code one of codes."""
+    return {"allOf": [{"$ref": "#/components/schemas/Error"},
+                      {"properties": {"error_code": {"enum": codes}}}]}
+
+
+def _problem_schema(line):
+    return {"type": "object", "additionalProperties": False,
+            "required": ["code", "category", "status", "title", "detail", "localized_message",
+                         "locale", "retryable"],
+            "properties": {
+                "code": {"type": "string"},
+                "category": {"type": "string", "enum": sorted(set(
+                    category for category, _ in _PROBLEM_OF.values()))},
+                "status": {"type": "integer"},
+                "title": {"type": "string"},
+                "detail": {"type": "string"},
+                "localized_message": {"type": "string"},
+                "locale": {"type": "string", "enum": list(line.locales)},
+                "retryable": {"type": "boolean"},
+                "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                               "description": "= X-Request-Id; absent on route_not_found"}}}
+
+
+_SEND_STATUS_SCHEMA = {"type": "object", "additionalProperties": False,
+                       "required": ["op_id", "status", "model", "entity_id", "accepted_at",
+                                    "updated_at", "expires_at"],
+                       "properties": {"op_id": {"type": "string"},
+                                      "status": {"type": "string", "enum": list(SEND_STATUSES)},
+                                      "model": {"const": "event"},
+                                      "entity_id": {"type": "string"},
+                                      "accepted_at": {"type": "integer"},
+                                      "updated_at": {"type": "integer"},
+                                      "expires_at": {"type": "integer"}}}
+
+_HEADER_DOCS = MappingProxyType({
+    "X-Request-Id": "32 lowercase hex digits; the request's line in the log and the journal",
+    "Content-Language": "the locale of problem.localized_message",
+    "WWW-Authenticate": "Bearer",
+    "Retry-After": "seconds, when a queued fault sets retry_after_s",
+})
+
+
+def _responses(line, path, method):
+    """The responses of one operation: its 200 (or 204) and each error status with
+    the codes it can carry, every one with its headers."""
+    head = method == "HEAD"
+    request_id = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+    if path in EVENT_ACTIONS:
+        ok = {"$ref": "#/components/schemas/DispatchAnswer"}
+    elif path == "/send_status/{op_id}":
+        ok = _success_schema({"$ref": "#/components/schemas/SendStatus"})
+    elif path in ("/healthz", "/readyz"):
+        ok = _success_schema({"type": "object", "required": ["status"],
+                              "properties": {"status": {"const": "ok"}}})
+    else:
+        ok = _success_schema({"type": "object"})
+    if path == "/favicon.ico":
+        responses = {"204": {"description": "no icon", "headers": request_id}}
+    elif path == "/":
+        responses = {"200": {"description": "the live page", "headers": request_id,
+                             "content": {} if head else {"text/html": {"schema": {
+                                 "type": "string"}}}}}
+    else:
+        responses = {"200": {"description": "success", "headers": request_id,
+                             "content": {} if head else {"application/json": {"schema": ok}}}}
+    by_status = {}
+    for code in route_codes(line, path, method):
+        by_status.setdefault(ERRORS[code], []).append(code)
+    if "thing_id_mismatch" in by_status.get(409, ()) and path.startswith(THING_PREFIX):
+        by_status.setdefault(400, []).append("thing_id_mismatch")     # step 8a's status
+    for status in sorted(by_status):
+        headers = dict(request_id, **{"Content-Language": {
+            "$ref": "#/components/headers/Content-Language"}})
+        if status == 401:
+            headers["WWW-Authenticate"] = {"$ref": "#/components/headers/WWW-Authenticate"}
+        if status in (429, 503):
+            headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+        responses[str(status)] = {
+            "description": ", ".join(by_status[status]), "headers": headers,
+            "content": {} if head else {"application/json": {
+                "schema": _error_schema(by_status[status])}}}
+    for response in responses.values():
+        if not response.get("content"):
+            response.pop("content", None)
+    return responses
+
+
+def _example_bodies():
+    """The public page's curl example, in seconds as the page first had it and in
+    milliseconds as it has it now."""
+    seconds = {"channel_id": EXAMPLE_CHANNEL_ID, "password": EXAMPLE_CHANNEL_PASSWORD,
+               "title": "Database lag", "status": "ongoing", "message": "Replica delay > 30s",
+               "severity": "high", "event_time": 1713750000, "started_at": 1713750000,
+               "tags": ["db", "replica"]}
+    millis = dict(seconds, event_time=1713750000000, started_at=1713750000000)
+    return {"seconds": {"summary": "the page's example, in seconds", "value": seconds},
+            "milliseconds": {"summary": "the same, in milliseconds", "value": millis}}
+
+
+def openapi_document(line):
+    """The OpenAPI 3.1 description of line (a LINES record), as a dict."""
+    paths = {}
+    for path, methods in ROUTES.items():
+        if path in LINE_ROUTES and not getattr(line, LINE_ROUTES[path]):
+            continue
+        item = paths[path] = {}
+        if "{" in path:
+            name = path.split("{", 1)[1].split("}", 1)[0]
+            item["parameters"] = [{"name": name, "in": "path", "required": True,
+                                   "schema": _field_schemas().get(name) or _text(min_chars=1)}]
+        for method in sorted(methods):
+            operation = {
+                "operationId": (method.lower() + path.replace("{", "").replace("}", "")
+                                .replace("/", "_").replace(".", "_")).rstrip("_"),
+                "tags": ["test-support" if path.startswith(ADMIN_PREFIX)
+                         else "events" if path in EVENT_ACTIONS else "gateway"],
+                "responses": _responses(line, path, method)}
+            if path not in PUBLIC_PATHS:
+                operation["security"] = [{}, {"bearer": []}]
+            action = EVENT_ACTIONS.get(path)
+            if action is not None:
+                operation["summary"] = {CREATE: "open an event", UPDATE: "change an open event",
+                                        CLOSE: "close an open event"}[action]
+                operation["description"] = (
+                    "Without a gateway token, production %s answers 429 rate_limited past %d "
+                    "requests per client IP and %d in all per calendar minute." % (
+                        line.name, line.rate_limit[0], line.rate_limit[1])
+                    if line.rate_limit else
+                    "Production %s has no rate limit; a 429 comes only from a queued fault."
+                    % line.name)
+                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/%sRequest" % action.rsplit(
+                        "/", 1)[1].capitalize()},
+                    **({"examples": _example_bodies()} if action == CREATE else {})}}}
+            elif method == "POST" and path not in BODYLESS_POSTS:
+                operation["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object"}}}}
+            item[method.lower()] = operation
+    schemas = {"%sRequest" % action.rsplit("/", 1)[1].capitalize(): _request_schema(line, action)
+               for action in EVENT_ROUTES}
+    schemas["DispatchAnswer"] = _success_schema(_dispatch_data_schema(line))
+    schemas["SendStatus"] = _SEND_STATUS_SCHEMA
+    schemas["Problem"] = _problem_schema(line)
+    schemas["Error"] = _ERROR_SCHEMA
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "PushGo Event API, as production %s answers it" % line.name,
+                 "version": __version__,
+                 "description": "Generated by event_gateway %s from the tables that its "
+                                "checks use; production line %s (%s)."
+                                % (__version__, line.name, line.releases)},
+        "servers": [{"url": "http://127.0.0.1:%d" % DEFAULT_PORT}],
+        "tags": [{"name": "events", "description": "the Event API"},
+                 {"name": "gateway", "description": "probes, send status, the live page"},
+                 {"name": "test-support", "description": "this gateway's own routes for "
+                                                         "tests; not part of the PushGo API"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "headers": {name: {"description": text, "schema": {"type": "string"}}
+                        for name, text in _HEADER_DOCS.items()},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "the gateway token, when it has one"}}},
+    }
 
 
 # HTTP shell ####################################################################
@@ -3611,6 +4008,9 @@ def build_parser():
                         help="once the socket listens, write the base URL (such as "
                              "http://127.0.0.1:41234) to PATH, and remove it on exit: how a "
                              "test in any language learns the port of --port 0")
+    parser.add_argument("--openapi", action="store_true",
+                        help="print the OpenAPI 3.1 description of the line (--gateway-version) "
+                             "and exit: the document GET /__admin/openapi.json answers")
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
@@ -3677,6 +4077,13 @@ def main(argv=None):
     """Run the gateway until Ctrl-C or SIGTERM; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.openapi:
+        try:
+            print(json.dumps(openapi_document(LINES[args.gateway_version]), ensure_ascii=False,
+                             indent=1), flush=True)
+        except BrokenPipeError:         # piped into head, say: that is no error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     token = args.token if args.token is not None else os.environ.get("PUSHGO_TOKEN") or None
     if token is not None and (not token or len(token) > MAX_TOKEN_CHARS
                               or any(c.isspace() for c in token)):
@@ -3767,6 +4174,7 @@ header { display: flex; flex-wrap: wrap; gap: 8px 12px; align-items: center; pad
 header h1 { font-size: 16px; margin: 0; }
 header input, header select, header button { font: inherit; max-width: 100%; }
 #line { color: #c5cad3; font-size: 13px; }
+#openapi { color: #9ecbff; font-size: 13px; }
 #state { padding: 2px 8px; border-radius: 10px; background: #2e7d32; }
 #state.down { background: #c62828; }
 main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; padding: 16px; }
@@ -3799,6 +4207,7 @@ code { font-size: 12px; background: #f4f5f7; padding: 0 3px; }
 <header>
   <h1>PushGo event gateway</h1>
   <span id="line"></span>
+  <a id="openapi" href="/__admin/openapi.json">OpenAPI</a>
   <span id="state">connecting</span>
   <input id="channel" placeholder="filter: channel_id" size="28" aria-label="filter by channel_id">
   <input id="thing" placeholder="filter: thing_id" size="14" aria-label="filter by thing_id">
@@ -3866,14 +4275,18 @@ function clock(ms) {
 
 class NeedToken extends Error {}
 
-async function api(method, path, body) {
+async function fetchJson(method, path, body) {
   const headers = {};
   const token = sessionStorage.getItem("gatewayToken");
   if (token) headers["Authorization"] = "Bearer " + token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const answer = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
   if (answer.status === 401) throw new NeedToken();
-  const envelope = await answer.json();
+  return answer.json();
+}
+
+async function api(method, path, body) {
+  const envelope = await fetchJson(method, path, body);
   if (!envelope.success) throw new Error(envelope.error_code + ": " + envelope.error);
   return envelope.data;
 }
@@ -3974,11 +4387,13 @@ async function showInfo() {
   const info = await api("GET", "/__admin/info");
   $("line").textContent = "answers as production " + info.gateway_version + " · event_gateway " +
     info.module_version + (info.auth ? " · token on" : "");
+  // The example is the OpenAPI document's, the API page's own, sent now.
+  const document = await fetchJson("GET", "/__admin/openapi.json");
+  const body = Object.assign({}, document.paths["/event/create"].post.requestBody
+    .content["application/json"].examples.milliseconds.value);
+  body.event_time = body.started_at = Date.now();
   $("example").textContent = "curl -X POST " + location.origin + "/event/create \\\n" +
-    "  -H 'Content-Type: application/json' \\\n  -d '{\"channel_id\": \"06J0FZG1Y8XGG14VTQ4Y3G10MR\", " +
-    "\"password\": \"pass-1234\", \"title\": \"Database lag\", \"status\": \"ongoing\", " +
-    "\"message\": \"Replica delay > 30s\", \"severity\": \"high\", \"event_time\": " +
-    Math.floor(Date.now() / 1000) + "}'";
+    "  -H 'Content-Type: application/json' \\\n  -d '" + JSON.stringify(body) + "'";
 }
 
 async function follow() {

@@ -20,6 +20,7 @@ where it offers that route (op_ids repeat across tests).
 import http.client
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -3802,8 +3803,10 @@ def test_page_uses_only_the_gateways_routes_and_no_other_host():
     assert paths >= {"/__admin/requests", "/__admin/events", "/__admin/reset", "/__admin/faults"}
     for path in paths:
         assert path in eg.ROUTES or path.startswith("/event/"), path
-    assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]|\bsrc=|\bhref=|@import|url\(",
-                         eg.PAGE_HTML, re.I)
+    assert not re.search(r"https?:|//[a-z0-9.-]+\.[a-z]|\bsrc=|@import|url\(", eg.PAGE_HTML, re.I)
+    # Its one link is to a route of its own: the OpenAPI document.
+    assert re.findall(r'\bhref="([^"]*)"', eg.PAGE_HTML, re.I) == ["/__admin/openapi.json"]
+    assert "/__admin/openapi.json" in eg.ROUTES
 
 
 @LOCAL_ONLY
@@ -3979,6 +3982,295 @@ def test_cli_allow_host():
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+# The OpenAPI description ##########################################################
+
+def openapi(line):
+    return eg.openapi_document(eg.LINES[line])
+
+
+def resolve(document, schema):
+    """A schema with its $ref followed."""
+    while isinstance(schema, dict) and "$ref" in schema:
+        node = document
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+JSON_TYPES = {"string": str, "object": dict, "array": list, "boolean": bool, "null": type(None)}
+
+
+def json_type_ok(value, name):
+    if name in ("integer", "number"):
+        return (isinstance(value, int) or (name == "number" and isinstance(value, float))) \
+            and not isinstance(value, bool)
+    return isinstance(value, JSON_TYPES[name])
+
+
+def schema_errors(document, schema, value, where="$"):
+    """Where value breaks schema: a checker of the keywords the document uses."""
+    schema = resolve(document, schema)
+    if schema is True:
+        return []
+    if schema is False:
+        return [where + ": not allowed"]
+    errors = []
+    for part in schema.get("allOf", ()):
+        errors += schema_errors(document, part, value, where)
+    if "anyOf" in schema and all(schema_errors(document, part, value, where)
+                                 for part in schema["anyOf"]):
+        errors.append(where + ": matches none of anyOf")
+    if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
+        errors.append(where + ": not %r" % schema["const"])
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(where + ": not one of the enum")
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(json_type_ok(value, name) for name in types):
+            return errors + [where + ": not of type %s" % types]
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", 10 ** 9):
+            errors.append(where + ": length")
+        if len(value.encode()) > schema.get("x-max-utf8-bytes", 10 ** 9):
+            errors.append(where + ": bytes")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(where + ": pattern")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -math.inf) or value >= schema.get("exclusiveMaximum", math.inf):
+            errors.append(where + ": range")
+    if isinstance(value, list):
+        if len(value) > schema.get("maxItems", 10 ** 9):
+            errors.append(where + ": maxItems")
+        for index, item in enumerate(value):
+            errors += schema_errors(document, schema.get("items", True), item, "%s[%d]" % (where, index))
+    if isinstance(value, dict):
+        errors += [where + ": missing " + key for key in schema.get("required", ()) if key not in value]
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            if key in properties:
+                errors += schema_errors(document, properties[key], item, where + "." + key)
+            elif "additionalProperties" in schema:
+                errors += schema_errors(document, schema["additionalProperties"], item, where + "." + key)
+            if "propertyNames" in schema:
+                errors += schema_errors(document, schema["propertyNames"], key, where + " key")
+    return errors
+
+
+def documented(document, route, method, status, code):
+    """Whether the document lists status for route and method, with code among its codes."""
+    responses = document["paths"][route][method.lower()]["responses"]
+    if str(status) not in responses:
+        return False
+    if code is None:
+        return True
+    schema = responses[str(status)]["content"]["application/json"]["schema"]
+    return code in schema["allOf"][1]["properties"]["error_code"]["enum"]
+
+
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_openapi_lists_every_route_of_the_line_and_only_those(line):
+    document = openapi(line)
+    expected = {path: {method.lower() for method in methods} for path, methods in eg.ROUTES.items()
+                if path not in eg.LINE_ROUTES or getattr(eg.LINES[line], eg.LINE_ROUTES[path])}
+    assert {path: set(item) - {"parameters"} for path, item in document["paths"].items()} == expected
+    assert document["openapi"] == "3.1.0" and document["info"]["version"] == eg.__version__
+
+
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_openapi_documents_every_answer_the_gateway_gives(line):
+    # The answers of the tables of cases above, of random mutations, and of the
+    # event states, each found among its route's documented statuses and codes.
+    import random
+    document = openapi(line)
+    gw = make_gateway(line)
+    checked = set()
+
+    def check(route, result):
+        status, _, envelope = result
+        code = envelope["error_code"] if envelope and status != 200 else None
+        path = route.split("?")[0]
+        template = "/thing/{thing_id}" + path[path.index("/event/"):] if path.startswith(
+            "/thing/") else path
+        assert documented(document, template, "POST", status, code), (route, status, code)
+        checked.add((status, code))
+
+    for param in FIELD_CASES + BODY_ORDER_CASES:
+        route, changes = param.values[0], param.values[1]
+        check(route, post(gw, route, body_for(gw, route, changes)))
+    for param in STRICT_JSON_CASES:
+        check(eg.CREATE, post(gw, eg.CREATE, param.values[0]))
+    rng = random.Random(7)
+    event_id = create(gw)
+    for _ in range(300):
+        route = rng.choice(eg.EVENT_ROUTES)
+        headers, data = mutate(rng, route, event_id)
+        result = gw.handle("POST", route, headers, data)
+        check(route, (result[0], None, json.loads(result[2]) if result[2] else None))
+    closed = create(gw)
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=closed))
+    check(eg.UPDATE, post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=closed)))
+    check(eg.UPDATE, post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id="nope")))
+    check(eg.UPDATE, post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=create(gw), thing_id="x")))
+    check(eg.CREATE, post(gw, eg.CREATE, valid_body(eg.CREATE, password="wrong-pass-1")))
+    for status in (401, 429, 500, 503):
+        gw.add_fault("*", status)
+        check(eg.CLOSE, post(gw, eg.CLOSE, {}))
+    if line == "1.3":
+        check("/thing/a/event/create", post(gw, "/thing/a/event/create",
+                                             valid_body(eg.CREATE, thing_id="b")))
+    full = make_gateway(line, max_events=1)
+    create(full)
+    check(eg.CREATE, post(full, eg.CREATE, valid_body(eg.CREATE)))
+    assert len(checked) >= 50          # the distinct (status, code) pairs seen
+
+
+def test_openapi_send_status_and_probes_are_documented():
+    document = openapi("1.3")
+    gw = make_gateway("1.3")
+    op_id = post(gw, eg.CREATE, valid_body(eg.CREATE))[2]["data"]["op_id"]
+    for target, status, code in (("/send_status/" + op_id, 200, None),
+                                 ("/send_status/nope", 404, "send_status_not_found"),
+                                 ("/send_status/a%20b", 400, "invalid_op_id")):
+        result = call(gw, "GET", target)
+        assert (result[0], result[2].get("error_code")) == (status, code)
+        assert documented(document, "/send_status/{op_id}", "GET", status, code)
+        responses = document["paths"]["/send_status/{op_id}"]["get"]["responses"]
+        schema = responses[str(status)]["content"]["application/json"]["schema"]
+        assert schema_errors(document, schema, result[2]) == []
+    for path in ("/healthz", "/readyz"):
+        schema = document["paths"][path]["get"]["responses"]["200"]["content"][
+            "application/json"]["schema"]
+        assert schema_errors(document, schema, call(gw, "GET", path)[2]) == []
+
+
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_openapi_answers_match_their_schemas(line):
+    document = openapi(line)
+    gw = make_gateway(line)
+    answers = document["paths"][eg.CREATE]["post"]["responses"]
+    for body, status in ((valid_body(eg.CREATE, thing_id="db-1"), 200), (valid_body(eg.CREATE), 200),
+                         (valid_body(eg.CREATE, status=""), 400),
+                         (valid_body(eg.CREATE, password="wrong-pass-1"), 403)):
+        result = post(gw, eg.CREATE, body, headers=dict(JSON_HEADERS, **{"Accept-Language": "zh-TW"}))
+        assert result[0] == status
+        schema = answers[str(status)]["content"]["application/json"]["schema"]
+        assert schema_errors(document, schema, result[2]) == [], result[2]
+    # A schema that the answers would break is caught by the checker.
+    assert schema_errors(document, answers["200"]["content"]["application/json"]["schema"],
+                         {"success": True, "data": {"op_id": 1}}) != []
+
+
+# Each field rule's limit, as its schema must state it (in the unit the rule counts).
+LIMITS = [
+    ("password", "maxLength", eg.PASSWORD_MAX_BYTES), ("password", "x-max-utf8-bytes", 128),
+    ("password", "x-min-utf8-bytes", eg.PASSWORD_MIN_BYTES),
+    ("op_id", "maxLength", eg.OP_ID_MAX_CHARS), ("thing_id", "maxLength", eg.THING_ID_MAX_CHARS),
+    ("event_id", "maxLength", eg.EVENT_ID_MAX_CHARS), ("title", "maxLength", eg.TITLE_MAX_CHARS),
+    ("description", "maxLength", eg.DESCRIPTION_MAX_CHARS),
+    ("status", "maxLength", eg.STATUS_MAX_CHARS), ("message", "maxLength", eg.MESSAGE_MAX_CHARS),
+    ("severity", "enum", list(eg.SEVERITIES)),
+    ("event_time", "exclusiveMaximum", eg.MILLISECONDS_BELOW), ("event_time", "minimum", 0),
+    ("tags", "maxItems", eg.TAGS_MAX_ITEMS), ("tags.items", "maxLength", eg.TAG_MAX_BYTES),
+    ("tags.items", "x-max-utf8-bytes", eg.TAG_MAX_BYTES),
+    ("images", "maxItems", eg.IMAGES_MAX_ITEMS), ("images.items", "x-max-utf8-bytes", 2048),
+    ("metadata.propertyNames", "x-max-utf8-bytes", eg.METADATA_KEY_MAX_BYTES),
+]
+
+
+@pytest.mark.parametrize("field, keyword, limit", LIMITS, ids=lambda v: str(v)[:30])
+def test_openapi_states_each_field_rules_limit(field, keyword, limit):
+    document = openapi("1.3")
+    schema = document["components"]["schemas"]["CreateRequest"]["properties"]
+    name, _, part = field.partition(".")
+    node = schema[name] if name != "event_id" else document["components"]["schemas"][
+        "UpdateRequest"]["properties"]["event_id"]
+    node = node[part] if part else node
+    assert node[keyword] == limit
+    if keyword == "x-max-utf8-bytes":
+        assert "bytes of UTF-8" in node["description"]
+
+
+def test_openapi_follows_a_changed_limit(monkeypatch):
+    monkeypatch.setattr(eg, "STATUS_MAX_CHARS", 30)
+    properties = openapi("1.3")["components"]["schemas"]["UpdateRequest"]["properties"]
+    assert properties["status"]["maxLength"] == 30
+
+
+def test_the_readme_and_page_examples_satisfy_the_request_schema():
+    readme = open(README, encoding="utf-8").read()
+    bodies = [json.loads(text) for text in re.findall(r"-d '(\{.*?\})'", readme, re.S)]
+    for line in eg.LINES:
+        document = openapi(line)
+        schema = {"$ref": "#/components/schemas/CreateRequest"}
+        examples = document["paths"][eg.CREATE]["post"]["requestBody"]["content"][
+            "application/json"]["examples"]
+        # The page shows the document's own example (the API page's), sent now.
+        page = dict(examples["milliseconds"]["value"], event_time=1796539184912,
+                    started_at=1796539184912)
+        for body in bodies + [example["value"] for example in examples.values()] + [page]:
+            assert schema_errors(document, schema, body) == [], body
+        assert schema_errors(document, schema, dict(page, status="x" * 25)) != []
+    assert len(bodies) >= 1 and SEED_CURL_EXAMPLE == examples["seconds"]["value"]
+    assert "examples.milliseconds.value" in page_part("script")
+
+
+def json_differences(left, right, where=""):
+    """The places where two JSON documents differ."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        found = []
+        for key in sorted(set(left) | set(right)):
+            if key not in left or key not in right:
+                found.append(where + "/" + key)
+            else:
+                found += json_differences(left[key], right[key], where + "/" + key)
+        return found
+    return [] if left == right else [where]
+
+
+# Where the two lines' documents may differ, as the table of lines says (V1-V9), and
+# the line's own name.
+DIFFERENCE_ROWS = [
+    ("name", r"^/info/(title|description)$"),
+    ("V1", r"^/paths/~thing"),
+    ("V2", r"^/paths/~send_status"),
+    ("V3", r"^/components/schemas/DispatchAnswer/properties/data/"
+           r"(required|properties/(channel_id|thing_id|accepted))$"),
+    ("V4", r"^/components/schemas/DispatchAnswer/properties/data/properties/op_id/description$"),
+    ("V5", r"^/components/schemas/\w+Request/additionalProperties$"),
+    ("V6", r"^/paths/~event/\w+/post/responses/409/"),
+    ("V7", r"^/components/schemas/Problem/properties/locale/enum$"),
+    ("V8", r"^/paths/~event/\w+/post/description$"),
+    ("V9", r"^/components/schemas/(Create|Update)Request/properties/ended_at$"),
+]
+
+
+def test_the_two_lines_documents_differ_exactly_where_the_lines_do():
+    found = json_differences(openapi("1.2"), openapi("1.3"))
+    found = [place.replace("/paths//", "/paths/~") for place in found]   # a path's own "/"
+    rows = {}
+    for place in found:
+        matching = [row for row, pattern in DIFFERENCE_ROWS if re.search(pattern, place)]
+        assert matching, "the lines' documents differ where no row of the table says: " + place
+        rows.setdefault(matching[0], []).append(place)
+    assert set(rows) == {row for row, _ in DIFFERENCE_ROWS}
+
+
+@LOCAL_ONLY
+def test_openapi_over_http_and_from_the_command_line():
+    for line in eg.LINES:
+        gw = make_gateway(line)
+        status, headers, payload = gw.handle("GET", "/__admin/openapi.json", {}, None)
+        assert status == 200 and dict(headers)["Content-Type"] == "application/json"
+        assert json.loads(payload) == json.loads(json.dumps(openapi(line)))
+        assert gw.handle("GET", "/__admin/openapi.json", {"Host": "evil.example"}, None)[0] == 403
+        result = subprocess.run([sys.executable, SCRIPT, "--openapi", "--gateway-version", line],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0 and json.loads(result.stdout) == json.loads(payload)
+    assert '<a id="openapi" href="/__admin/openapi.json">' in eg.PAGE_HTML
 
 
 # Robustness: no input gets a 5xx ##################################################
