@@ -2622,9 +2622,11 @@ class EventGateway:
         no request_id), as production answers them."""
         if status == 405:
             return b"", "en"            # production's 405 has no body
-        if code == "route_not_found":
-            # Production answers an unknown path before it reads the request.
-            return _error_body(code, message, status), "en"
+        if request.route is None:
+            # Production answers an unknown path before it reads the request (no
+            # request_id either), and broken HTTP is refused before it is routed.
+            return _error_body(code, message, status, "en",
+                               None if code == "route_not_found" else request_id), "en"
         locale = _locale(request.headers.get("accept-language"), self.line.locales)
         return _error_body(code, message, status, locale, request_id), locale
 

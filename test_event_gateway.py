@@ -3415,8 +3415,9 @@ def test_serve_in_thread_stops_when_the_block_raises():
 
 def test_broken_http_is_journaled_with_what_could_be_read(live):
     with connect(live.url) as sock:
-        sock.sendall(b"POST /event/create HTTP/1.1\r\nBad Header\r\n\r\n")
-        assert read_response(sock)[0] == 400
+        sock.sendall(b"POST /event/create HTTP/1.1\r\nAccept-Language: zh-CN\r\nBad Header\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert (status, headers["content-language"]) == (400, "en")     # broken HTTP: English
     with connect(live.url) as sock:
         sock.sendall(b"garbage\r\n\r\n")
         assert read_response(sock)[0] == 400
