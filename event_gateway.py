@@ -1381,7 +1381,9 @@ class EventStore:
             if route == CREATE:
                 # 15. Capacity: max_events, then the store-wide bound.
                 grown = cost + STORE_EVENT_OVERHEAD_BYTES + body_bytes
-                self._make_room(grown, creating=True)
+                if (len(self._events) >= self.max_events
+                        or self.stored_bytes + grown > self.max_store_bytes):
+                    self._make_room(grown, creating=True)
                 event = _new_event(_new_event_id(), channel_id, thing_id, received_at)
                 event["stored_bytes"] = STORE_EVENT_OVERHEAD_BYTES + body_bytes
                 fields.setdefault("started_at", event_time)
@@ -1398,7 +1400,8 @@ class EventStore:
                                                else "", event["started_at"]))
                 # 15. The store-wide bound: room for this dispatch and what its fields add.
                 grown = cost + _fields_growth(event, fields)
-                if self._make_room(grown, creating=False):
+                if self.stored_bytes + grown > self.max_store_bytes and self._make_room(
+                        grown, creating=False):
                     event = _unpack(self._events[event["event_id"]])    # as making room left it
                 event["stored_bytes"] += grown - cost
                 if route == CLOSE:
@@ -1959,13 +1962,12 @@ class FaultQueue:
     def __init__(self, seed=0, stopping=None):
         self._lock = threading.Lock()
         self._faults = []                          # [Fault], count = strikes left
-        self._routes = collections.Counter()       # route -> queued entries, for O(1) misses
+        # Route -> queued entries: a request whose route is not here skips the queue,
+        # and while it is empty (read as false) every request does.
+        self.routes = collections.Counter()
         self._random = random.Random(seed)
         self._stopping = stopping or threading.Event()
 
-    def __bool__(self):
-        """Whether anything is queued: while nothing is, a request skips the queue."""
-        return bool(self._routes)
 
     def add(self, doc):
         """Queue the fault doc describes (its fields, None for a default); returns the
@@ -1977,7 +1979,7 @@ class FaultQueue:
                 raise GatewayError("too_many_faults", "at most %d faults can be queued; clear "
                                    "them with DELETE /__admin/faults" % MAX_FAULTS)
             self._faults.append(fault)
-            self._routes[fault.route] += 1
+            self.routes[fault.route] += 1
             return sum(f.count for f in self._faults)
 
     def view(self):
@@ -1989,7 +1991,7 @@ class FaultQueue:
         with self._lock:
             cleared = sum(f.count for f in self._faults)
             self._faults.clear()
-            self._routes.clear()
+            self.routes.clear()
             return cleared
 
     def strike(self, action, request):
@@ -1998,7 +2000,7 @@ class FaultQueue:
         kept on the request for lost_answer(); a "slow" one waits, then lets the
         request go on."""
         with self._lock:
-            if not (self._routes[action] or self._routes["*"]):
+            if not (self.routes[action] or self.routes["*"]):
                 return
             fault = self._take(action)
         if fault is None:
@@ -2030,9 +2032,9 @@ class FaultQueue:
                 self._faults[index] = fault._replace(count=fault.count - 1)
             else:
                 del self._faults[index]
-                self._routes[fault.route] -= 1
-                if not self._routes[fault.route]:
-                    del self._routes[fault.route]
+                self.routes[fault.route] -= 1
+                if not self.routes[fault.route]:
+                    del self.routes[fault.route]
             return fault._replace(count=1)
         return None
 
@@ -2688,7 +2690,7 @@ class EventGateway:
         """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
         route = self._check_route_auth_method(request)          # steps 1-3 (and 2a)
         self._count_rate(request)                               # step 2a
-        if self.fault_queue and request.route in EVENT_ACTIONS:  # a queued fault strikes here
+        if self.fault_queue.routes and request.route in EVENT_ACTIONS:   # a fault strikes here
             self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
         if request.method == "POST" and request.path not in BODYLESS_POSTS:
             self._check_content_type(request.headers)           # step 4
@@ -2711,7 +2713,7 @@ class EventGateway:
             # Refused from the head: handle() will not see this request, so it is
             # counted (and may be rate limited) here.
             self._count_rate(request)
-            if self.fault_queue and request.route in EVENT_ACTIONS:
+            if self.fault_queue.routes and request.route in EVENT_ACTIONS:
                 # A fault strikes before steps 4-5 would refuse.
                 self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
             raise
@@ -2859,15 +2861,15 @@ class EventGateway:
         # 10. Channel credentials.
         channel_id = request.channel_id = self._authenticate_channel(doc, request)
         # 11. Required fields: the first missing one's code, every missing one named.
-        missing = []
-        if route != CREATE and _is_blank(doc.get("event_id")):
-            missing.append(("event_id", "event_id_required"))
         names, code = REQUIRED_FIELDS[route]
-        missing.extend((name, code) for name in names if _is_blank(doc.get(name)))
-        if _is_blank(doc.get("event_time")):
-            missing.append(("event_time", "event_time_required"))
-        if missing:
-            raise GatewayError(missing[0][1], _required([name for name, _ in missing]))
+        missing = [name for name in names if _is_blank(doc.get(name))]
+        no_event_id = route != CREATE and _is_blank(doc.get("event_id"))
+        no_event_time = _is_blank(doc.get("event_time"))
+        if missing or no_event_id or no_event_time:
+            raise GatewayError(
+                "event_id_required" if no_event_id else code if missing else "event_time_required",
+                _required((["event_id"] if no_event_id else []) + missing
+                          + (["event_time"] if no_event_time else [])))
         # 12. Field rules, in the order of FIELD_RULES.
         fields = {}
         for name, check in FIELD_RULES:
