@@ -1066,6 +1066,11 @@ EVENT_ACTIONS = MappingProxyType({
     path: path[path.index("/event/"):] for path in ROUTES if "/event/" in path})
 
 
+# Step 1a: the routes that only this machine's names may reach, and only the
+# gateway's own page (or a client that is no web page) may use: the page and
+# the test-support routes.
+GUARDED_ROUTES = frozenset(path for path in ROUTES if path == "/" or path.startswith(ADMIN_PREFIX))
+
 # Step 2: liveness probes carry no secrets, the page's HTML holds no data, and a
 # browser sends no token for an icon: these never look at the gateway token.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
@@ -1425,8 +1430,11 @@ class EventStore:
             body = ((without if thing_id is None else with_thing) % {
                 "channel_id": channel_id, "op_id": op_id, "event_id": event_id,
                 "thing_id": thing_id}).encode()
-            seq = [None]
-            ops[op_id] = _GENERATED_OP if digest is None else (digest, body, seq)
+            if digest is None:
+                seq, ops[op_id] = None, _GENERATED_OP       # no request can replay it
+            else:
+                seq = [None]
+                ops[op_id] = (digest, body, seq)
             self._sent[op_id] = event_id
             self._events[event_id] = _pack(event)
         self.changed.notify()
@@ -2260,7 +2268,7 @@ class _Request:
 
     def add_note(self, *note):
         """Keep a note for the journal as (code, arguments): see NOTE_TEXTS."""
-        self.note = (self.note or ()) + (note,)
+        self.note = (note,) if self.note is None else self.note + (note,)
 
 
 # What a route answers when it is not the JSON envelope (the page, the icon).
@@ -2288,10 +2296,10 @@ class _RateCounter:
         self._by_ip = {}
         self._all = 0
 
-    def over(self, client, now_s):
+    def over(self, client, now_ms):
         """Count one request; None, or why production would refuse it (not counted),
         as the arguments of a RATE_LIMIT_REASONS sentence."""
-        minute = int(now_s // 60)
+        minute = now_ms // 60000
         with self._lock:
             if minute != self._minute:
                 self._minute, self._by_ip, self._all = minute, {}, 0
@@ -2603,7 +2611,8 @@ class EventGateway:
         path = request.path
         journaled = self.journal.max_requests and not (path in UNJOURNALED_PATHS
                                                         or path.startswith(ADMIN_PREFIX))
-        if journaled or self.log is not None:
+        if (journaled or self.log is not None) and (request.event_id is None
+                                                     or request.channel_id is None):
             request.op_id, request.event_id, request.channel_id = self._body_ids(request, body)
         if journaled:
             self._record(request, received_at, body, body_bytes, status, code, message,
@@ -2688,8 +2697,9 @@ class EventGateway:
 
     def _serve(self, request, body):
         """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
-        route = self._check_route_auth_method(request)          # steps 1-3 (and 2a)
-        self._count_rate(request)                               # step 2a
+        route = self._check_route_auth_method(request)          # steps 1-3
+        if self._rate is not None:
+            self._count_rate(request)                           # step 2a
         if self.fault_queue.routes and request.route in EVENT_ACTIONS:   # a fault strikes here
             self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
         if request.method == "POST" and request.path not in BODYLESS_POSTS:
@@ -2730,7 +2740,7 @@ class EventGateway:
         request.route = route
         # 1a. Local safety: the page and the test-support routes only for this machine's
         #     names, and the test-support routes never for another web site.
-        if route == "/" or route.startswith(ADMIN_PREFIX):
+        if route in GUARDED_ROUTES:
             self._check_host(request)
             if route != "/":
                 self._check_same_origin(request)
@@ -2784,7 +2794,7 @@ class EventGateway:
         otherwise noted for the tester."""
         if self._rate is None or request.route not in EVENT_ACTIONS:
             return
-        over = self._rate.over(request.client, request.received_at / 1000)
+        over = self._rate.over(request.client, request.received_at)
         if over is None:
             return
         if self.rate_limit:
@@ -3311,6 +3321,7 @@ _HEADER_DOCS = MappingProxyType({
     "Content-Language": "the locale of problem.localized_message",
     "WWW-Authenticate": "Bearer",
     "Retry-After": "seconds, when a queued fault sets retry_after_s",
+    "Allow": "the methods a path takes, on the bodiless 405 that any other method gets",
 })
 
 
@@ -3728,7 +3739,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD" and status != 204:     # a HEAD answer carries its own
             head.append("Content-Length: %d\r\n" % len(body))
         head.append("Date: %s\r\nServer: %s\r\n" % (self.server.http_date(), self.server_version))
-        if self.server.closing.is_set():
+        if self.server.stopping:
             self.close_connection = True        # the server stops: this is the last answer
         if self.close_connection:
             head.append("Connection: close\r\n")
@@ -3763,10 +3774,13 @@ class _Server(http.server.ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self._date = (0, "")
         self._connections = set()
-        self._busy = set()                      # connections with a request under way
+        # Connections with a request under way: one dict store per request, no lock;
+        # only a server that stops (stopping) waits on _idle for them.
+        self._busy = {}
         self._connections_lock = threading.Lock()
         self._idle = threading.Condition(self._connections_lock)
         self.closing = threading.Event()
+        self.stopping = False
         super().__init__(address, _Handler)
 
     def http_date(self):
@@ -3802,18 +3816,18 @@ class _Server(http.server.ThreadingHTTPServer):
     def shutdown_request(self, request):
         with self._connections_lock:
             self._connections.discard(request)
-            self._busy.discard(request)
+            self._busy.pop(request, None)
             self._idle.notify_all()
         super().shutdown_request(request)
 
     def request_started(self, connection):
-        with self._connections_lock:
-            self._busy.add(connection)
+        self._busy[connection] = True
 
     def request_done(self, connection):
-        with self._connections_lock:
-            self._busy.discard(connection)
-            self._idle.notify_all()
+        self._busy[connection] = False
+        if self.stopping:                   # close_connections() waits for this answer
+            with self._connections_lock:
+                self._idle.notify_all()
 
     def stop(self):
         """Make serve_forever() return now, not after its poll interval: shutdown()
@@ -3835,13 +3849,16 @@ class _Server(http.server.ThreadingHTTPServer):
 
         A request under way answers first, with what there is (a wait ends at
         once), for at most STOP_GRACE_S; an idle connection is closed at once."""
+        self.stopping = True
         self.closing.set()
         self.gateway.stop_waiting()
         deadline = time.monotonic() + STOP_GRACE_S
         with self._connections_lock:
-            for connection in self._connections - self._busy:
-                _shut(connection)
-            while self._busy and time.monotonic() < deadline:
+            for connection in self._connections:
+                if not self._busy.get(connection):
+                    _shut(connection)
+            while (any(self._busy.get(connection) for connection in self._connections)
+                   and time.monotonic() < deadline):
                 self._idle.wait(deadline - time.monotonic())
             connections = list(self._connections)
         for connection in connections:
