@@ -670,9 +670,10 @@ def _new_hex_id():
 def _op_id_maker(line):
     """The op_id the line generates for a request that carried none (V4), as a
     function of the request's receive time in integer Unix milliseconds."""
+    bits = _ID_BITS.getrandbits
     if line.op_id_time_prefix:
-        return lambda received_at: "%013x-%s" % (received_at, _new_hex_id())
-    return lambda received_at: _new_hex_id()
+        return lambda received_at: "%013x-%032x" % (received_at, bits(128))
+    return lambda received_at: "%032x" % bits(128)
 
 
 def _same_secret(given, expected):
@@ -2295,19 +2296,25 @@ class _RateCounter:
         self._minute = None
         self._by_ip = {}
         self._all = 0
+        self._notes = {}        # client -> its note this minute, made once, not per request
 
     def over(self, client, now_ms):
         """Count one request; None, or why production would refuse it (not counted),
-        as the arguments of a RATE_LIMIT_REASONS sentence."""
+        as a note of the journal: ("rate_limit", the arguments of a
+        RATE_LIMIT_REASONS sentence)."""
         minute = now_ms // 60000
         with self._lock:
             if minute != self._minute:
-                self._minute, self._by_ip, self._all = minute, {}, 0
+                self._minute, self._by_ip, self._all, self._notes = minute, {}, 0, {}
             from_ip = self._by_ip.get(client, 0)
             if from_ip >= self.per_ip:
-                return (self.per_ip, client or "this client")
+                note = self._notes.get(client)
+                if note is None:
+                    note = self._notes[client] = ("rate_limit", self.per_ip,
+                                                  client or "this client")
+                return note
             if self._all >= self.total:
-                return (self.total,)
+                return ("rate_limit", self.total)
             self._by_ip[client] = from_ip + 1
             self._all += 1
             return None
@@ -2794,13 +2801,14 @@ class EventGateway:
         otherwise noted for the tester."""
         if self._rate is None or request.route not in EVENT_ACTIONS:
             return
-        over = self._rate.over(request.client, request.received_at)
-        if over is None:
+        note = self._rate.over(request.client, request.received_at)
+        if note is None:
             return
         if self.rate_limit:
             raise GatewayError("rate_limited", "production's rate limit: %s; wait for the next "
-                               "minute" % (RATE_LIMIT_REASONS[len(over)] % over))
-        request.add_note("rate_limit", *over)       # written out only when read
+                               "minute" % (RATE_LIMIT_REASONS[len(note) - 1] % note[1:]))
+        # Kept as the counter made it, and written out only when read.
+        request.note = (note,) if request.note is None else request.note + (note,)
 
     def _check_token(self, authorization):
         """Step 2: exactly "Bearer <token>", compared in constant time."""
@@ -3573,7 +3581,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         dict of lower-cased names; a repeated name's values are joined with ", "
         as RFC 9110 §5.3 allows.  Then keep-alive and Expect are decided.
         """
-        self.server.request_started(self.connection)
+        # A request is under way from its first line to its answer: a server that stops
+        # lets it answer (close_connections).  One that ends without an answer closes.
+        self.server.busy[self.connection] = True
         self.command, self.path, self.headers = None, "", {}
         self.request_version = "HTTP/1.1"     # what an answer sent before the version says
         self.close_connection = True
@@ -3618,14 +3628,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if version == "HTTP/1.1" and headers.get("expect", "").lower() == "100-continue":
             return self.handle_expect_100()
         return True
-
-    def handle_one_request(self):
-        # A request is under way from its first line to its answer: a server that
-        # stops lets it answer (section "HTTP shell", close_connections).
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.request_done(self.connection)
 
     def setup(self):
         # In place of StreamRequestHandler.setup(), for the idle timeout's sake
@@ -3747,6 +3749,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             head.append("Connection: keep-alive\r\n")
         head.append("\r\n")
         self.wfile.write("".join(head).encode("latin-1") + body)
+        self.server.busy[self.connection] = False
+        if self.server.stopping:
+            self.server.answered()          # close_connections() waits for this answer
 
     def log_message(self, format, *args):
         pass    # the gateway writes the one log line per request
@@ -3774,9 +3779,9 @@ class _Server(http.server.ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self._date = (0, "")
         self._connections = set()
-        # Connections with a request under way: one dict store per request, no lock;
-        # only a server that stops (stopping) waits on _idle for them.
-        self._busy = {}
+        # Connections with a request under way: a dict store at each request's start
+        # and answer, no lock; only a server that stops waits on _idle for them.
+        self.busy = {}
         self._connections_lock = threading.Lock()
         self._idle = threading.Condition(self._connections_lock)
         self.closing = threading.Event()
@@ -3816,18 +3821,13 @@ class _Server(http.server.ThreadingHTTPServer):
     def shutdown_request(self, request):
         with self._connections_lock:
             self._connections.discard(request)
-            self._busy.pop(request, None)
+            self.busy.pop(request, None)
             self._idle.notify_all()
         super().shutdown_request(request)
 
-    def request_started(self, connection):
-        self._busy[connection] = True
-
-    def request_done(self, connection):
-        self._busy[connection] = False
-        if self.stopping:                   # close_connections() waits for this answer
-            with self._connections_lock:
-                self._idle.notify_all()
+    def answered(self):
+        with self._connections_lock:
+            self._idle.notify_all()
 
     def stop(self):
         """Make serve_forever() return now, not after its poll interval: shutdown()
@@ -3855,9 +3855,9 @@ class _Server(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + STOP_GRACE_S
         with self._connections_lock:
             for connection in self._connections:
-                if not self._busy.get(connection):
+                if not self.busy.get(connection):
                     _shut(connection)
-            while (any(self._busy.get(connection) for connection in self._connections)
+            while (any(self.busy.get(connection) for connection in self._connections)
                    and time.monotonic() < deadline):
                 self._idle.wait(deadline - time.monotonic())
             connections = list(self._connections)
