@@ -101,6 +101,7 @@ import ipaddress
 import itertools
 import json
 import math
+import operator
 import os
 import platform
 import random
@@ -865,15 +866,16 @@ def _string_list(field, value, code, max_items, max_bytes):
     if len(value) > max_items:       # counted before de-duplication
         raise GatewayError(code, "%s has too many items (max %d)" % (field, max_items))
     items = []
-    for index, item in enumerate(value):
+    for item in value:
         if not isinstance(item, str):
             raise GatewayError(code, _must_be(field, "an array of strings"))
         text = item.strip()
         if not text:
             raise GatewayError(code, "%s[%d] is empty; %s items must be non-empty"
-                               % (field, index, field))
+                               % (field, value.index(item), field))
         if _utf8_bytes(text) > max_bytes:
-            raise GatewayError(code, _too_long_bytes("%s[%d]" % (field, index), text, max_bytes))
+            raise GatewayError(code, _too_long_bytes("%s[%d]" % (field, value.index(item)),
+                                                     text, max_bytes))
         items.append(text)
     return tuple(dict.fromkeys(items))    # de-duplicated after trim, first order kept
 
@@ -1327,21 +1329,20 @@ class _Signal:
 class EventStore:
     """The in-memory events, their op_id records and capacity (the rules above).
 
-    answers is the line's pair of answer templates (_dispatch_answers),
-    conflict_code the line's code for a reused op_id and new_op_id(received_at)
-    makes the line's op_id for a request that carried none.  changed is
-    notified after every change, for waits.
+    line is the production line (LINES) whose answers, op_id conflict code and
+    generated op_ids the store gives.  changed is notified after every change,
+    for waits.
     """
 
     def __init__(self, max_events=DEFAULT_MAX_EVENTS, max_history=DEFAULT_MAX_HISTORY,
-                 answers=None, conflict_code="op_id_conflict", new_op_id=None,
-                 max_store_mb=DEFAULT_MAX_STORE_MB):
+                 line=None, max_store_mb=DEFAULT_MAX_STORE_MB):
         self.max_events = max_events
         self.max_history = max_history
         self.max_store_bytes = max_store_mb * 1024 * 1024
-        self.answers = answers or _dispatch_answers(LINES[DEFAULT_LINE])
-        self.conflict_code = conflict_code
-        self.new_op_id = new_op_id or (lambda received_at: _new_hex_id())
+        line = line or LINES[DEFAULT_LINE]
+        self.answers, self.picks = _dispatch_answers(line), _answer_picks(line)
+        self.conflict_code = line.op_id_conflict
+        self.new_op_id = _op_id_maker(line)
         self.lock = threading.Lock()
         self.changed = _Signal()
         self.stored_bytes = 0                      # what the bound counts, all events together
@@ -1382,8 +1383,12 @@ class EventStore:
             event_time = fields.pop("event_time")
             metadata = fields.pop("metadata", None)
             event_id = fields.pop("event_id", None)
-            carried = tuple(map(fields.get, DISPATCH_FIELDS))   # before any default is set
+            if op_id is None:
+                op_id = self.new_op_id(received_at)     # absent -> generated (digest stays None)
             cost = body_bytes + body_bytes // STORE_BODY_SLACK + STORE_DISPATCH_OVERHEAD_BYTES
+            # The fields the request carried, before any default is set.
+            dispatch = (route, op_id, event_time, received_at, metadata, SEND_STATUS_DEFAULT,
+                        cost, *map(fields.get, DISPATCH_FIELDS))
             if route == CREATE:
                 # 15. Capacity: max_events, then the store-wide bound.
                 grown = cost + STORE_EVENT_OVERHEAD_BYTES + body_bytes
@@ -1415,10 +1420,6 @@ class EventStore:
                     self._closed[event["event_id"]] = None
                 fields["updated_at"] = received_at
             # 16. Apply, record the op_id, answer with the request's own thing.
-            if op_id is None:
-                op_id = self.new_op_id(received_at)     # absent -> generated (digest stays None)
-            dispatch = (route, op_id, event_time, received_at, metadata, SEND_STATUS_DEFAULT,
-                        cost) + carried
             fields.pop("ciphertext", None)
             if route == CREATE:
                 event["history"] = (dispatch,)
@@ -1427,10 +1428,11 @@ class EventStore:
             self.stored_bytes += grown
             _merge(event, fields)
             event_id = event["event_id"]
-            with_thing, without = self.answers
-            body = ((without if thing_id is None else with_thing) % {
-                "channel_id": channel_id, "op_id": op_id, "event_id": event_id,
-                "thing_id": thing_id}).encode()
+            ids = (channel_id, op_id, event_id, thing_id)
+            if thing_id is None:
+                body = (self.answers[1] % self.picks[1](ids)).encode()
+            else:
+                body = (self.answers[0] % self.picks[0](ids)).encode()
             if digest is None:
                 seq, ops[op_id] = None, _GENERATED_OP       # no request can replay it
             else:
@@ -1633,11 +1635,22 @@ def _dispatch_answers(line):
     without).  Every value in them is an id that its rule limits to A-Z a-z 0-9
     _ : -, characters JSON never escapes, so formatting the ids into json.dumps'
     own output gives json.dumps' bytes.  Production leaves a null thing_id out."""
-    values = {"channel_id": "%(channel_id)s", "op_id": "%(op_id)s",
-              "event_id": "%(event_id)s", "thing_id": "%(thing_id)s", "accepted": True}
-    with_thing = {key: values[key] for key in line.success_keys}
+    with_thing = {key: True if key == "accepted" else "%s" for key in line.success_keys}
     without = {key: value for key, value in with_thing.items() if key != "thing_id"}
     return _success_body(with_thing).decode(), _success_body(without).decode()
+
+
+# The ids an answer's templates take, in the order of their "%s": picked out of
+# (channel_id, op_id, event_id, thing_id) in one step.  Every line's answer names
+# two ids or more, so an itemgetter always gives a tuple.
+_ANSWER_IDS = ("channel_id", "op_id", "event_id", "thing_id")
+
+
+def _answer_picks(line):
+    """(with a thing, without): the ids each of the line's templates takes, as getters."""
+    keys = [key for key in line.success_keys if key in _ANSWER_IDS]
+    return tuple(operator.itemgetter(*map(_ANSWER_IDS.index, chosen))
+                 for chosen in (keys, [key for key in keys if key != "thing_id"]))
 
 
 def _locale(accept_language, locales):
@@ -2362,10 +2375,7 @@ class EventGateway:
         self.token = token
         names = {name.strip().lower().rstrip(".") for name in allow_hosts}
         self.allowed_hosts = None if "*" in names else frozenset(names)   # None: any Host
-        self.store = EventStore(max_events, max_history, max_store_mb=max_store_mb,
-                                answers=_dispatch_answers(line),
-                                conflict_code=line.op_id_conflict,
-                                new_op_id=_op_id_maker(line))
+        self.store = EventStore(max_events, max_history, line=line, max_store_mb=max_store_mb)
         self.journal = RequestJournal(max_requests)
         self.clock = clock
         self.log = log

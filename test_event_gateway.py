@@ -1062,9 +1062,11 @@ def test_dispatch_answer_is_exactly_json_dumps(line, thing_id):
     values = {"channel_id": CHANNEL, "op_id": "op:1_A-z", "event_id": "e" * 32,
               "thing_id": thing_id, "accepted": True}
     data = {key: values[key] for key in SUCCESS_KEYS[line] if values[key] is not None}
-    with_thing, without = eg._dispatch_answers(eg.LINES[line])
-    template = without if thing_id is None else with_thing
-    assert (template % values).encode() == json.dumps({"success": True, "data": data}).encode()
+    templates, picks = eg._dispatch_answers(eg.LINES[line]), eg._answer_picks(eg.LINES[line])
+    which = 1 if thing_id is None else 0
+    ids = (CHANNEL, "op:1_A-z", "e" * 32, thing_id)
+    answer = templates[which] % picks[which](ids)
+    assert answer.encode() == json.dumps({"success": True, "data": data}).encode()
 
 
 @pytest.mark.parametrize("accept_language, locale_1_2, locale_1_3", [
