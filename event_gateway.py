@@ -78,8 +78,9 @@ Every answer is JSON in production's form: a success is {"success": true,
 (PROBLEM_CATEGORIES, PROBLEM_SENTENCES, LOCALE_PREFIXES; _error_body), and a
 405 has no body.
 
-Reading order: limits, error codes, strict JSON, the field rules, the route
-table, the event store, the request journal, the core, the HTTP shell, the
+Reading order: limits, the production lines, error codes, strict JSON, the
+field rules, the route table, the event store, the request journal, the
+channels, the faults, the core, the OpenAPI description, the HTTP shell, the
 test helper, the command line and, last, the live page.
 ``grep -n '^# .*###' event_gateway.py`` prints the table of contents.
 """
@@ -3212,7 +3213,6 @@ _NOT_BLANK = "\\S"              # strings are trimmed: one that is only white sp
 _TIMESTAMP = {"type": "integer", "minimum": 0, "exclusiveMaximum": MILLISECONDS_BELOW,
               "description": "Unix seconds below %d, Unix milliseconds from there; a whole "
                              "number (no fraction, no string)" % SECONDS_BELOW}
-_SCALAR = {"type": ["string", "number", "boolean"]}
 
 
 def _field_schemas():
