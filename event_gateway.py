@@ -2634,7 +2634,7 @@ class EventGateway:
             request.op_id, request.event_id, request.channel_id = self._body_ids(request, body)
         if journaled:
             self._record(request, received_at, body, body_bytes, status, code, message,
-                         payload, request_id, duration_ms)
+                         None if request.method == "HEAD" else payload, request_id, duration_ms)
         if self.log is not None:
             self._log_line(request, received_at, status, code, message, request_id, duration_ms)
         if status is None:

@@ -1163,6 +1163,8 @@ def test_405_is_journaled_with_its_code():
     entry = gw.requests()[-1]
     assert (entry["status"], entry["error_code"], entry["response"]) == (
         405, "method_not_allowed", None)
+    gw.handle("HEAD", "/healthz", {}, None)              # a HEAD answer sends no body
+    assert (gw.requests()[-1]["status"], gw.requests()[-1]["response"]) == (200, None)
 
 
 @LOCAL_ONLY
