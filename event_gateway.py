@@ -146,9 +146,10 @@ DEFAULT_MAX_STORE_MB = 256    # the store's memory as a whole, in MiB (Store, "t
 STORE_DISPATCH_OVERHEAD_BYTES = 800
 STORE_EVENT_OVERHEAD_BYTES = 300
 # The process's resident memory holds more than the objects themselves: under a
-# soak of 16 KB updates it stood 8% above what tracemalloc counted (the memory
-# allocator's free space between large strings).  A body counts one eighth more.
-STORE_BODY_SLACK = 8
+# soak of 16 KB updates it stood 8% above what tracemalloc counted, and more as
+# the journal's bodies came and went beside the store's (the memory allocator's
+# free space between large strings).  A body counts a quarter more.
+STORE_BODY_SLACK = 4
 DEFAULT_MAX_REQUESTS = 1000   # entries kept by the request journal; 0 turns it off
 MAX_CHANNELS = 10000          # registered channels, the start-up ones included
 MAX_FAULTS = 1000             # queued fault entries
