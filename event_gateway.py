@@ -141,8 +141,8 @@ DEFAULT_MAX_STORE_MB = 256    # the store's memory as a whole, in MiB (Store, "t
 # on CPython 3.11 and rounded up: an update with an op_id takes its body's size
 # plus 690-730 bytes (its tuple, its op_id and send-status records, its place in
 # the eviction order); a create of the page's example (248 bytes) 1105 bytes in
-# all, which the bound counts as 300 + 800 + 248 twice (its body stands for the
-# event's first fields and for its create).
+# all, which the bound counts as about 1650: 300 + 800 + 248 twice (its body stands
+# for the event's first fields and for its create), and the slack below.
 STORE_DISPATCH_OVERHEAD_BYTES = 800
 STORE_EVENT_OVERHEAD_BYTES = 300
 # The process's resident memory holds more than the objects themselves: under a
