@@ -361,27 +361,26 @@ ERRORS = MappingProxyType({
 # Production's error answers carry a "problem": the code's category, whether a
 # retry can help, and a sentence in the client's language (Accept-Language).
 # Every code of ERRORS is in one row here; a test checks it.
-PROBLEM_CATEGORIES = MappingProxyType({
-    # category: (retryable, the codes of that category)
-    "validation": (False, tuple(code for code, status in ERRORS.items()
+PROBLEM_CATEGORIES = (
+    # (category, retryable, the codes of that row): one category may take two rows.
+    ("validation", False, tuple(code for code, status in ERRORS.items()
                                 if status in (400, 405, 411, 413, 414, 431, 505))),
-    "auth": (False, ("authentication_failed",)),
-    "permission": (False, ("host_not_allowed", "cross_site_request")),
-    "conflict": (False, ("password_mismatch", "op_id_conflict", "op_id_payload_conflict",
+    ("auth", False, ("authentication_failed",)),
+    ("permission", False, ("host_not_allowed", "cross_site_request")),
+    ("conflict", False, ("password_mismatch", "op_id_conflict", "op_id_payload_conflict",
                          "event_closed", "thing_id_mismatch", "too_many_channels",
                          "too_many_faults")),
-    "not_found": (False, ("route_not_found", "channel_not_found", "event_not_found",
+    ("not_found", False, ("route_not_found", "channel_not_found", "event_not_found",
                           "send_status_not_found")),
-    "rate_limit": (True, ("rate_limited",)),
-    "too_busy": (True, ("server_busy",)),
-    "too_busy_to_stay": (False, ("store_full",)),   # shown as too_busy: retrying does not
-                                                    # help until events close
-    "internal": (True, ("internal_error",)),
-})
-# code -> (category as shown, retryable)
+    ("rate_limit", True, ("rate_limited",)),
+    ("too_busy", True, ("server_busy",)),
+    ("too_busy", False, ("store_full",)),       # retrying does not help until events close
+    ("internal", True, ("internal_error",)),
+)
+# code -> (category, retryable)
 _PROBLEM_OF = MappingProxyType({
-    code: (category.replace("_to_stay", ""), retryable)
-    for category, (retryable, codes) in PROBLEM_CATEGORIES.items() for code in codes})
+    code: (category, retryable)
+    for category, retryable, codes in PROBLEM_CATEGORIES for code in codes})
 
 # problem.title per category and locale: a short label.
 PROBLEM_TITLES = MappingProxyType({

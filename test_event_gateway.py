@@ -1107,6 +1107,8 @@ def test_locale_of_an_error(gw_line, accept_language, locale_1_2, locale_1_3):
 @LOCAL_ONLY
 def test_every_code_has_its_category_row():
     assert set(CATEGORY_OF) == set(eg.ERRORS)
+    rows = [code for _, _, codes in eg.PROBLEM_CATEGORIES for code in codes]
+    assert sorted(rows) == sorted(eg.ERRORS)                # each code in exactly one row
     for code in CATEGORY_OF:
         assert eg._PROBLEM_OF[code] == CATEGORY_OF[code], code
         for locale in ("en", "zh-CN", "zh-TW"):
