@@ -377,10 +377,19 @@ PROBLEM_CATEGORIES = (
     ("too_busy", False, ("store_full",)),       # retrying does not help until events close
     ("internal", True, ("internal_error",)),
 )
-# code -> (category, retryable)
-_PROBLEM_OF = MappingProxyType({
-    code: (category, retryable)
-    for category, retryable, codes in PROBLEM_CATEGORIES for code in codes})
+# One code, two statuses: step 8a refuses a body whose thing_id contradicts the
+# path's with 400, a validation as production's 8a names it; the store refuses an
+# update naming another thing than the event's with 409, a conflict (step 14).
+# (code, status) -> the category of that status's row.
+SECOND_STATUSES = MappingProxyType({("thing_id_mismatch", 400): "validation"})
+
+# (code, status) -> (category, retryable)
+_PROBLEM_OF = MappingProxyType(dict(
+    [((code, ERRORS[code]), (category, retryable))
+     for category, retryable, codes in PROBLEM_CATEGORIES for code in codes]
+    + [(code_status, next((category, retryable) for category, retryable, _ in PROBLEM_CATEGORIES
+                          if category == row))
+       for code_status, row in SECOND_STATUSES.items()]))
 
 # problem.title per category and locale: a short label.
 PROBLEM_TITLES = MappingProxyType({
@@ -526,10 +535,23 @@ def _bounded_int(digits):
     return int(digits)
 
 
+def _finite_or_text(digits):
+    # What the journal shows of a number a double cannot hold (1e400, which the
+    # field rules refuse): the number as sent, as a string, since Infinity is not JSON.
+    number = float(digits)
+    return number if math.isfinite(number) else digits
+
+
 # Made once: json.loads() with hooks would build a new decoder for every request.
+# The first pair checks a request; the second reads a journaled body for showing.
 _STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates,
                                    parse_constant=_reject_constant, parse_int=_bounded_int)
 _REPEATED_KEYS_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_bounded_int)
+_SHOWN_DECODERS = (
+    json.JSONDecoder(object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant,
+                     parse_int=_bounded_int, parse_float=_finite_or_text),
+    json.JSONDecoder(parse_constant=_reject_constant, parse_int=_bounded_int,
+                     parse_float=_finite_or_text))
 
 
 def _decode_json(decoder, text):
@@ -584,12 +606,13 @@ def _has_lone_surrogate(value):
     return False
 
 
-def parse_json_body(body):
+def parse_json_body(body, decoders=(_STRICT_DECODER, _REPEATED_KEYS_DECODER)):
     """Steps 6 and 7: one strict JSON object in UTF-8, or a GatewayError.
 
     Strict means: valid UTF-8 without a BOM; no NaN or Infinity; no trailing
     data; at most MAX_JSON_DEPTH levels; no lone surrogate escapes; then the
-    top level is an object and no object repeats a key.
+    top level is an object and no object repeats a key.  The journal passes
+    _SHOWN_DECODERS, which keep a number too large for a double as its text.
     """
     try:
         text = body.decode("utf-8")
@@ -603,12 +626,12 @@ def parse_json_body(body):
                            "body is nested deeper than %d levels" % MAX_JSON_DEPTH)
     repeated_key = None
     try:
-        doc = _decode_json(_STRICT_DECODER, text)
+        doc = _decode_json(decoders[0], text)
     except _DuplicateKey as duplicate:
         # Any syntax error outranks a repeated key (step 6 before step 7), so parse
         # once more without the check to find one.
         repeated_key = duplicate.args[0]
-        doc = _decode_json(_REPEATED_KEYS_DECODER, text)
+        doc = _decode_json(decoders[1], text)
     if "\\u" in text and _has_lone_surrogate(doc):
         raise GatewayError("invalid_json_syntax", "body has a lone surrogate escape (\\uD800-\\uDFFF)")
     if not isinstance(doc, dict):
@@ -749,6 +772,15 @@ def check_password(value):
 def check_op_id(value):
     """Optional; 1-128 of A-Z a-z 0-9 _ : -; an empty string is absent."""
     return _identifier("op_id", value, "invalid_op_id", OP_ID_MAX_CHARS) or None
+
+
+def check_op_id_segment(segment):
+    """The {op_id} of a send-status path: the op_id rule, and blank is not absent there."""
+    op_id = check_op_id(segment)
+    if op_id is None:
+        raise GatewayError("invalid_op_id", "the path's op_id is blank; send "
+                           "/send_status/{op_id} with the op_id a dispatch carried")
+    return op_id
 
 
 def check_thing_id(value):
@@ -1083,8 +1115,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
 # anyway is read, up to the limit of step 5, and ignored).
 BODYLESS_POSTS = frozenset({"/__admin/reset"})
 
-# The request journal records every answer but those to these (watching must not fill it).
-UNJOURNALED_PATHS = frozenset({"/", "/favicon.ico"})      # and everything under ADMIN_PREFIX
+# The request journal records every answer but those to these, whatever the method:
+# watching the gateway and probing its readiness must not fill it.
+UNJOURNALED_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/readyz"})  # and ADMIN_PREFIX/...
 
 # The fields each admin POST takes, and the query parameters each admin list takes.
 ADMIN_CHANNEL_FIELDS = frozenset({"channel_id", "password"})
@@ -1669,10 +1702,10 @@ def _locale(accept_language, locales):
     return "en"
 
 
-def _error_template(code, locale):
-    """The error envelope of code in locale as a %-template of (message, status,
-    message, request_id part): everything but those is fixed, so it is made once."""
-    category, retryable = _PROBLEM_OF[code]
+def _error_template(code, status, locale):
+    """The error envelope of code at status in locale as a %-template of (message,
+    status, message, request_id part): everything but those is fixed, so it is made once."""
+    category, retryable = _PROBLEM_OF[code, status]
     sentences = PROBLEM_SENTENCES.get(code) or PROBLEM_SENTENCES[category]
 
     def fixed(value):
@@ -1685,17 +1718,17 @@ def _error_template(code, locale):
                 fixed(locale), "true" if retryable else "false"))
 
 
-# Made once, at import: every code in every locale.
+# Made once, at import: every code at each of its statuses, in every locale.
 _ERROR_TEMPLATES = MappingProxyType({
-    (code, locale): _error_template(code, locale)
-    for code in ERRORS for locale in PROBLEM_TITLES["validation"]})
+    (code, status, locale): _error_template(code, status, locale)
+    for code, status in _PROBLEM_OF for locale in PROBLEM_TITLES["validation"]})
 
 
 def _error_body(code, message, status, locale="en", request_id=None):
     """The error envelope, as bytes: success, error, error_code and problem (no data)."""
     text = json.dumps(message, ensure_ascii=False)
     request_part = "" if request_id is None else ', "request_id": "%s"' % request_id
-    return (_ERROR_TEMPLATES[code, locale] % (text, status, text, request_part)).encode()
+    return (_ERROR_TEMPLATES[code, status, locale] % (text, status, text, request_part)).encode()
 
 
 # Request journal ###############################################################
@@ -1719,10 +1752,21 @@ MASK = "***"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 
+# The authentication schemes of HTTP's registry (and "Token", common in APIs), by
+# their lower-case names: the only first words of an Authorization value that the
+# journal shows.  Any other first word may be the token itself, sent without a
+# scheme, so it is masked with the rest.
+AUTH_SCHEMES = frozenset({
+    "basic", "bearer", "digest", "dpop", "gnap", "hoba", "mutual", "negotiate", "ntlm",
+    "oauth", "privatetoken", "scram-sha-1", "scram-sha-256", "token", "vapid"})
+
+
 def _masked_credentials(value):
-    """"Bearer ***" for "Bearer <token>": the scheme is kept, the credentials never."""
-    scheme = value.strip(OWS).split(" ", 1)[0]
-    return "%s %s" % (scheme, MASK) if scheme else MASK
+    """"Bearer ***" for "Bearer <token>": a known scheme followed by a space is kept,
+    the credentials never; anything else (a bare token, a tab after the scheme, an
+    unknown first word) is "***" whole."""
+    scheme, space, _ = value.lstrip(OWS).partition(" ")
+    return "%s %s" % (scheme, MASK) if space and scheme.lower() in AUTH_SCHEMES else MASK
 
 
 def _masked_headers(headers):
@@ -1736,7 +1780,7 @@ def _masked_body(body):
     if not body:
         return None
     try:
-        doc = parse_json_body(body)
+        doc = parse_json_body(body, _SHOWN_DECODERS)
     except GatewayError:
         return None
     return {key: MASK if key == "password" or key not in EVENT_FIELDS else value
@@ -2481,13 +2525,14 @@ class EventGateway:
 
     def send_status(self, op_id):
         """What GET /send_status/{op_id} shows (in either line), or None."""
-        return self.store.send_status(check_op_id(op_id), int(self.clock() * 1000))
+        return self.store.send_status(check_op_id_segment(op_id), int(self.clock() * 1000))
 
     def set_send_status(self, op_id, status):
         """What POST /__admin/send_status/{op_id} does; the send status, or None."""
+        op_id = check_op_id_segment(op_id)
         if status not in SEND_STATUSES:
             raise GatewayError("invalid_filter", "status must be one of %s" % ", ".join(SEND_STATUSES))
-        return self.store.set_send_status(check_op_id(op_id), status, int(self.clock() * 1000))
+        return self.store.set_send_status(op_id, status, int(self.clock() * 1000))
 
     def info(self):
         """What GET /__admin/info shows: the line, the version, auth and every bound."""
@@ -2618,8 +2663,9 @@ class EventGateway:
         headers = [("X-Request-Id", request_id)] if raw or status == 405 else [
             ("Content-Type", "application/json"), ("X-Request-Id", request_id)]
         if code is not None:
-            payload, locale = self._error_payload(request, code, message, status, request_id)
-            headers.append(("Content-Language", locale))
+            if status is not None:      # a dropped answer keeps its refusal's code for the journal
+                payload, locale = self._error_payload(request, code, message, status, request_id)
+                headers.append(("Content-Language", locale))
             if code in self.line.lenient_codes:
                 rule = _lenient_rule(code, request.doc)
                 if rule is not None:

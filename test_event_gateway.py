@@ -171,6 +171,9 @@ CATEGORY_ROWS = [
 ]
 CATEGORY_OF = {code: (category, retryable) for category, retryable, codes in CATEGORY_ROWS
                for code in codes}
+# One code, two statuses: step 8a's 400 is a validation, the store's 409 a conflict.
+CATEGORY_AT = {(code, eg.ERRORS[code]): row for code, row in CATEGORY_OF.items()}
+CATEGORY_AT["thing_id_mismatch", 400] = ("validation", False)
 PROBLEM_KEYS = ["code", "category", "status", "title", "detail", "localized_message", "locale",
                 "retryable", "request_id"]
 
@@ -201,12 +204,11 @@ def assert_envelope(status, headers, payload):
     assert list(envelope) == ["success", "error", "error_code", "problem"], envelope
     code, message = envelope["error_code"], envelope["error"]
     assert isinstance(message, str) and message
-    assert eg.ERRORS[code] == status or (code, status) == ("thing_id_mismatch", 400)
     problem = envelope["problem"]
     keys = PROBLEM_KEYS if code != "route_not_found" else PROBLEM_KEYS[:-1]
     assert list(problem) == keys, problem
     assert (problem["code"], problem["status"], problem["detail"]) == (code, status, message)
-    assert (problem["category"], problem["retryable"]) == CATEGORY_OF[code]
+    assert (problem["category"], problem["retryable"]) == CATEGORY_AT[code, status]
     assert names["content-language"] == problem["locale"]
     if code != "route_not_found":
         assert problem["request_id"] == names["x-request-id"]
@@ -1109,11 +1111,13 @@ def test_every_code_has_its_category_row():
     assert set(CATEGORY_OF) == set(eg.ERRORS)
     rows = [code for _, _, codes in eg.PROBLEM_CATEGORIES for code in codes]
     assert sorted(rows) == sorted(eg.ERRORS)                # each code in exactly one row
-    for code in CATEGORY_OF:
-        assert eg._PROBLEM_OF[code] == CATEGORY_OF[code], code
+    assert dict(eg._PROBLEM_OF) == CATEGORY_AT
+    for code, status in CATEGORY_AT:
         for locale in ("en", "zh-CN", "zh-TW"):
-            body = json.loads(eg._error_body(code, "a sentence", eg.ERRORS[code], locale, "r" * 32))
+            body = json.loads(eg._error_body(code, "a sentence", status, locale, "r" * 32))
             assert body["problem"]["localized_message"] and body["problem"]["title"]
+            assert (body["problem"]["category"], body["problem"]["retryable"]) == CATEGORY_AT[
+                code, status]
 
 
 @LOCAL_ONLY
@@ -1165,8 +1169,8 @@ def test_405_is_journaled_with_its_code():
     entry = gw.requests()[-1]
     assert (entry["status"], entry["error_code"], entry["response"]) == (
         405, "method_not_allowed", None)
-    gw.handle("HEAD", "/healthz", {}, None)              # a HEAD answer sends no body
-    assert (gw.requests()[-1]["status"], gw.requests()[-1]["response"]) == (200, None)
+    gw.handle("HEAD", "/send_status/op-none", {}, None)   # a HEAD answer sends no body
+    assert (gw.requests()[-1]["status"], gw.requests()[-1]["response"]) == (404, None)
 
 
 @LOCAL_ONLY
@@ -1926,6 +1930,10 @@ def test_send_status_walks_through_every_state():
     pytest.param("/send_status/bad%20id", None, 400, "invalid_op_id", id="malformed"),
     pytest.param("/send_status/" + "o" * 129, None, 400, "invalid_op_id", id="129-chars"),
     pytest.param("/send_status/", None, 404, "route_not_found", id="empty"),
+    pytest.param("/send_status/%20", None, 400, "invalid_op_id", id="blank"),
+    pytest.param("/send_status/%20%09", None, 400, "invalid_op_id", id="blank-tab"),
+    pytest.param("/__admin/send_status/%20", {"status": "sent"}, 400, "invalid_op_id",
+                 id="admin-blank"),
     pytest.param("/__admin/send_status/nope", {"status": "sent"}, 404, "send_status_not_found",
                  id="admin-unknown"),
     pytest.param("/__admin/send_status/op-1", {"status": "lost"}, 400, "invalid_filter",
@@ -2666,7 +2674,7 @@ def test_journal_filters_and_seq(gw):
     create(gw)
     post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=OTHER_CHANNEL, password="other-pass"))
     post(gw, eg.UPDATE, {})
-    call(gw, "GET", "/healthz")
+    create(gw)
     seqs = [entry["seq"] for entry in gw.requests()]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
     assert [e["path"] for e in gw.requests(path=eg.UPDATE)] == [eg.UPDATE]
@@ -2677,10 +2685,10 @@ def test_journal_filters_and_seq(gw):
     status, _, envelope = call(gw, "GET", "/__admin/requests?status=200&after=%d" % seqs[0])
     assert [e["seq"] for e in envelope["data"]["requests"]] == [seqs[1], seqs[3]]
     assert call(gw, "DELETE", "/__admin/requests")[2]["data"] == {"deleted": 4}
-    call(gw, "GET", "/healthz")
+    post(gw, eg.UPDATE, {})
     assert gw.requests()[0]["seq"] == seqs[-1] + 1          # seq never restarts
     gw.reset()
-    call(gw, "GET", "/healthz")
+    post(gw, eg.UPDATE, {})
     assert gw.requests()[0]["seq"] == seqs[-1] + 2
 
 
@@ -2747,16 +2755,18 @@ def test_method_and_dropped_filters():
 
 
 @LOCAL_ONLY
-def test_journal_skips_admin_page_and_icon_and_is_bounded():
+def test_journal_skips_admin_page_icon_and_probes_and_is_bounded():
     gateway = eg.EventGateway(max_requests=3)
-    for path in ("/__admin/events", "/", "/favicon.ico", "/__admin/faults"):
-        gateway.handle("GET", path, {}, None)
+    for path in ("/__admin/events", "/", "/favicon.ico", "/__admin/faults", "/healthz",
+                 "/readyz"):
+        for method in ("GET", "HEAD", "POST"):
+            gateway.handle(method, path, {}, None)
     assert gateway.requests() == []
     for _ in range(5):
-        gateway.handle("GET", "/healthz", {}, None)
+        gateway.handle("POST", eg.UPDATE, JSON_HEADERS, b"{}")
     assert [e["seq"] for e in gateway.requests()] == [3, 4, 5]
     off = eg.EventGateway(max_requests=0)
-    off.handle("GET", "/healthz", {}, None)
+    off.handle("POST", eg.UPDATE, JSON_HEADERS, b"{}")
     assert off.requests() == []
 
 
@@ -2780,6 +2790,49 @@ def test_no_password_in_the_journal_however_broken_the_body():
     assert PASSWORD not in seen and "journal-t0ken" not in seen
     assert any(entry["body"] for entry in gw.requests())      # parsed bodies are shown
     assert gw.internal_errors == []
+
+
+# How the journal shows each spelling of the auth tests: a known scheme and a space
+# keep the scheme, anything else is masked whole; never any part of the token.
+SHOWN_AUTHORIZATION = {"Bearer  s3cret-token": "Bearer ***", "Bearer": "***",
+                       "s3cret-token": "***", "Basic s3cret-token": "Basic ***",
+                       "bearer s3cret-token": "bearer ***", "BEARER s3cret-token": "BEARER ***",
+                       "Bearer\ts3cret-token": "***", "  s3cret-token": "***",
+                       "s3cret-token Bearer": "***", "\tBearer s3cret-token": "Bearer ***",
+                       "Token s3cret-token": "Token ***"}
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("authorization", sorted(
+    {case.values[0] for case in AUTH_CASES if case.values[0] is not None} | set(SHOWN_AUTHORIZATION)))
+def test_the_journal_never_shows_the_token_in_any_spelling(authorization):
+    gw = eg.EventGateway(token="s3cret-token", clock=Clock())
+    gw.handle("POST", eg.CREATE, dict(JSON_HEADERS, Authorization=authorization),
+              json.dumps(valid_body(eg.CREATE)).encode())
+    shown = gw.requests()[0]["headers"]["authorization"]
+    assert shown == SHOWN_AUTHORIZATION.get(authorization, "Bearer ***")
+    page = gw.handle("GET", "/__admin/requests", {"Authorization": "Bearer s3cret-token"}, None)[2]
+    assert b"s3cret" not in page and b"aaaa" not in page and b"t\\u00e9st" not in page
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("event_time, shown", [
+    pytest.param("1e400", "1e400", id="1e400"),
+    pytest.param("-1e400", "-1e400", id="minus-1e400"),
+    pytest.param("1E+999", "1E+999", id="1E+999"),
+    pytest.param("[1e400, 1.5]", ["1e400", 1.5], id="in-a-list"),
+    pytest.param('{"a": 2e308}', {"a": "2e308"}, id="in-an-object"),
+])
+def test_admin_answers_are_strict_json_whatever_the_body_held(gw, event_time, shown):
+    body = ('{"channel_id": "%s", "password": "pass-1234", "title": "t", "event_time": %s}'
+            % (CHANNEL, event_time)).encode()
+    assert gw.handle("POST", eg.CREATE, JSON_HEADERS, body)[0] == 400
+
+    def refuse(name):
+        raise ValueError("not strict JSON: %s" % name)
+    payload = gw.handle("GET", "/__admin/requests", {}, None)[2]
+    entry = json.loads(payload, parse_constant=refuse)["data"]["requests"][-1]
+    assert entry["body"]["event_time"] == shown
 
 
 # -- Waits ---------------------------------------------------------------------------
@@ -2909,6 +2962,29 @@ def test_drop_in_the_core_is_a_none_status(gw):
     assert gw.handle("POST", eg.CREATE, JSON_HEADERS,
                      json.dumps(valid_body(eg.CREATE)).encode())[0] is None
     assert len(gw.events()) == 1
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("headers, body, code", [
+    pytest.param(JSON_HEADERS, dict(valid_body(eg.CREATE), severity="bad"), "invalid_severity",
+                 id="refused-by-a-rule"),
+    pytest.param({"Content-Type": "text/plain"}, valid_body(eg.CREATE),
+                 "missing_json_content_type", id="refused-content-type"),
+    pytest.param(JSON_HEADERS, dict(valid_body(eg.CREATE), password="wrong-pass-1"),
+                 "password_mismatch", id="refused-password"),
+])
+def test_an_after_drop_on_a_refused_request_drops_it_and_journals_the_refusal(headers, body,
+                                                                            code):
+    import io
+    log = io.StringIO()
+    gw = make_gateway(log=log)
+    gw.add_fault(eg.CREATE, kind="drop", when="after")
+    assert gw.handle("POST", eg.CREATE, headers, json.dumps(body).encode()) == (None, [], b"")
+    (entry,) = gw.requests()
+    assert (entry["status"], entry["error_code"], entry["fault"]["kind"]) == (None, code, "drop")
+    assert entry["response"] is None and gw.events() == []
+    assert " dropped " in log.getvalue() and code in log.getvalue()
+    assert gw.internal_errors == []
 
 
 @LOCAL_ONLY
