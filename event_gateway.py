@@ -4111,13 +4111,66 @@ def _parse_channels(parser, specs):
     return channels or None
 
 
+def _remove_stale_ready_file(path):
+    """Before listening: a file left at path by an earlier run names a dead URL."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 def _write_ready_file(path, url):
     """Write the base URL to path, whole or not at all (a reader that sees the file
-    sees the URL): written beside it, then renamed into place."""
+    sees the URL): written beside it, then renamed into place; a write that fails
+    leaves nothing behind."""
     partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as ready:
-        ready.write(url + "\n")
-    os.replace(partial, path)
+    try:
+        with open(partial, "w", encoding="utf-8") as ready:
+            ready.write(url + "\n")
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+class _Unstoppable(io.TextIOBase):
+    """A text stream that loses what it cannot write: a stdout or stderr that nobody
+    reads (``| true``) or that is closed must never stop the gateway."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        try:
+            self.descriptor = stream.fileno()
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            self.descriptor = None
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError, AttributeError):    # a broken pipe, or closed
+                self._lose_the_rest()
+        return len(text)
+
+    def flush(self):
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError, AttributeError):
+                self._lose_the_rest()
+
+    def _lose_the_rest(self):
+        # What the stream still buffers would fail once more when the interpreter
+        # flushes it at exit (and turn exit status 0 into 120): its descriptor is
+        # pointed at the null device, so that flush succeeds and writes nowhere.
+        self.stream = None
+        if self.descriptor is not None:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self.descriptor)
+                os.close(null)
 
 
 def _raise_descriptor_limit():
@@ -4169,11 +4222,18 @@ def main(argv=None):
     if args.rate_limit and (LINES[args.gateway_version].rate_limit is None or token):
         parser.error("--rate-limit goes with --gateway-version 1.3 and no token: production "
                      "limits only requests without a gateway token")
+    stdout, stderr = _Unstoppable(sys.stdout), _Unstoppable(sys.stderr)
     gateway = EventGateway(token=token, channels=channels, max_events=args.max_events,
                            max_history=args.max_history, max_requests=args.max_requests,
-                           seed=args.seed, log=None if args.quiet else sys.stderr,
+                           seed=args.seed, log=None if args.quiet else stderr,
                            gateway_version=args.gateway_version, rate_limit=args.rate_limit,
                            allow_hosts=args.allow_host, max_store_mb=args.max_store_mb)
+    if args.ready_file is not None:
+        try:
+            _remove_stale_ready_file(args.ready_file)
+        except OSError as error:
+            parser.error("cannot write --ready-file %s: %s"
+                         % (_printable(args.ready_file[:200]), error.strerror or error))
     try:
         server = make_server(gateway, args.host, args.port, args.idle_timeout)
     except socket.gaierror as error:
@@ -4183,7 +4243,7 @@ def main(argv=None):
         hint = (" (try another --port, or --port 0)" if error.errno == errno.EADDRINUSE else "")
         print("event_gateway: cannot listen on %s port %d: %s%s"
               % (_printable(args.host[:80]), args.port, error.strerror or error, hint),
-              file=sys.stderr)
+              file=stderr)
         return 1
 
     if args.ready_file is not None:
@@ -4198,7 +4258,10 @@ def main(argv=None):
         # shutdown() waits for serve_forever() to return, so it cannot run on this thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    # Both signals are taken, not left as they came: a shell script's background job
+    # starts with SIGINT ignored, and Ctrl-C or kill -INT must stop it all the same.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     _raise_descriptor_limit()
     _calm_garbage_collector()
     if not args.quiet or args.port == 0:
@@ -4208,7 +4271,8 @@ def main(argv=None):
         print("event_gateway %s: listening on %s as production %s (auth %s; channels: %s); "
               "%s; Ctrl-C to stop" % (__version__, server.url, gateway.line.name,
                                       "on" if token else "off",
-                                      ", ".join(gateway.channel_ids()), page), flush=True)
+                                      ", ".join(gateway.channel_ids()), page),
+              file=stdout, flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:

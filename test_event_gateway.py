@@ -18,6 +18,7 @@ where it offers that route (op_ids repeat across tests).
 """
 
 import http.client
+import errno
 import io
 import json
 import math
@@ -3800,6 +3801,87 @@ def test_cli_ready_file_holds_the_url_while_it_listens(tmp_path):
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
     assert not ready.exists()
+
+
+@LOCAL_ONLY
+def test_cli_port_in_use_leaves_no_stale_ready_file(live, tmp_path):
+    # A file left by an earlier run is removed before the gateway listens, so a
+    # reader never takes the old URL for this run's, not even when listening fails.
+    ready = tmp_path / "gateway.url"
+    ready.write_text("http://127.0.0.1:1\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, SCRIPT, "--port", str(address(live.url)[1]),
+                             "--ready-file", str(ready)], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 1 and "--port 0" in result.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@LOCAL_ONLY
+def test_a_ready_file_whose_write_fails_leaves_nothing(tmp_path, monkeypatch):
+    def refuse(source, destination):
+        raise OSError(errno.EXDEV, "no rename here")
+    monkeypatch.setattr(eg.os, "replace", refuse)
+    with pytest.raises(OSError):
+        eg._write_ready_file(str(tmp_path / "gateway.url"), "http://127.0.0.1:6666")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def wait_for_ready_file(process, ready, timeout=20.0):
+    """The URL in ready once the CLI has written it; fails if the CLI exits first."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no ready file in %s s" % timeout
+        time.sleep(0.01)                  # a poll of the file, not a guess at a duration
+    return ready.read_text(encoding="utf-8").strip()
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("stdout", ["unread-pipe", "closed"])
+def test_cli_serves_with_a_stdout_nobody_reads(tmp_path, stdout):
+    # `gateway | true`, or `gateway >&-`: the start-up line is lost, the requests answered.
+    ready = tmp_path / "gateway.url"
+    command = [sys.executable, SCRIPT, "--port", "0", "--ready-file", str(ready)]
+    if stdout == "closed":
+        command = ["sh", "-c", 'exec "$0" "$@" >&-'] + command
+        read_end = write_end = None
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+    process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    if write_end is not None:
+        os.close(write_end)
+    try:
+        url = wait_for_ready_file(process, ready)
+        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn.request("GET", "/readyz")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=10)
+        errors = process.stderr.read()
+        process.stderr.close()
+    assert status == 0, errors
+    assert "Traceback" not in errors and "Exception ignored" not in errors
+    assert not ready.exists()
+
+
+@LOCAL_ONLY
+def test_cli_started_with_sigint_ignored_still_stops_on_it():
+    # A shell script's background job (`gateway &`) starts with SIGINT ignored.
+    process = subprocess.Popen(
+        ["sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", sys.executable, SCRIPT, "--port", "0",
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "listening on" in process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 @LOCAL_ONLY
