@@ -243,6 +243,8 @@ Line = collections.namedtuple("Line", (
     "refuse_null_ended_at",  # V9: ended_at on create and update refused even as null
     "lenient_codes",         # refusals of the page's rules that the line's production no
                              # longer makes: this gateway still refuses, and notes it
+    "refuses_client_op_id",  # the line's production refuses an op_id a client sends on an
+                             # event route: this gateway keeps the page's rule, and notes it
 ))
 
 LINES = MappingProxyType({
@@ -258,6 +260,7 @@ LINES = MappingProxyType({
         rate_limit=None,                   # none
         refuse_null_ended_at=False,        # ended_at: null counts as absent
         lenient_codes=frozenset(),
+        refuses_client_op_id=False,
     ),
     "1.3": Line(
         name="1.3", releases="v1.3.0-v1.3.3",
@@ -279,6 +282,9 @@ LINES = MappingProxyType({
             "extension_object_nested_object_unsupported", "extension_object_key_required",
             "started_at_forbidden_on_close", "event_temporal_fields_forbidden_on_update",
             "event_create_required_fields_missing", "event_update_required_fields_missing"}),
+        # prod 1.3's event normalisation refuses a client op_id (400 op_id_not_allowed);
+        # the page documents op_id as the client's idempotency key.
+        refuses_client_op_id=True,
     ),
 })
 DEFAULT_LINE = "1.3"
@@ -1809,6 +1815,8 @@ NOTE_TEXTS = MappingProxyType({
     "rate_limit": "production 1.3 would answer 429 rate_limited: %s",
     "lenient": "production %s would accept this (it no longer checks %s); this gateway keeps "
                "the page's rule",
+    "client_op_id": "production %s refuses a client op_id (400 op_id_not_allowed); this "
+                    "gateway keeps the page's rule",
 })
 
 
@@ -2914,6 +2922,8 @@ class EventGateway:
     def _event_request(self, route, request):
         doc = request.doc
         line = self.line
+        if line.refuses_client_op_id and not _is_blank(doc.get("op_id")):
+            request.add_note("client_op_id", line.name)      # the page's rule is kept
         # 8. Unknown fields: refused, every one named, or (line 1.3) ignored and noted.
         if not EVENT_FIELDS.issuperset(doc):
             if not line.ignore_unknown_fields:

@@ -529,6 +529,28 @@ def test_path_thing_and_body_thing_are_different_requests_for_op_ids():
 
 # -- Unknown fields (line 1.3 ignores them) ------------------------------------------
 
+# Line 1.3's production refuses a client op_id on the event routes; the page's rule is
+# kept, and the journal says so.
+CLIENT_OP_ID_NOTE = ("production 1.3 refuses a client op_id (400 op_id_not_allowed); this gateway "
+                     "keeps the page's rule")
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("line, route, op_id, noted", [
+    pytest.param("1.3", eg.CREATE, "op-1", True, id="1.3-create"),
+    pytest.param("1.3", eg.UPDATE, "op-1", True, id="1.3-update-refused-later"),
+    pytest.param("1.3", "/thing/db-1/event/create", "op-1", True, id="1.3-thing-scoped"),
+    pytest.param("1.3", eg.CREATE, "", False, id="1.3-empty-is-absent"),
+    pytest.param("1.3", eg.CREATE, DROP, False, id="1.3-no-op-id"),
+    pytest.param("1.2", eg.CREATE, "op-1", False, id="1.2"),
+])
+def test_line_1_3_notes_that_production_refuses_a_client_op_id(line, route, op_id, noted):
+    gw = make_gateway(line)
+    post(gw, route, valid_body(route.replace("/thing/db-1", ""), op_id=op_id, event_id="e-none")
+         if route != eg.CREATE else valid_body(route, op_id=op_id))
+    note = gw.requests()[-1]["note"] or ""
+    assert (CLIENT_OP_ID_NOTE in note) is noted, note
+
 @LOCAL_ONLY
 def test_line_1_3_ignores_unknown_fields_and_notes_them_with_close_names():
     gw = make_gateway("1.3")
@@ -537,8 +559,8 @@ def test_line_1_3_ignores_unknown_fields_and_notes_them_with_close_names():
     event = gw.event(data["event_id"])
     assert "source" not in json.dumps(event) and "eventTime" not in json.dumps(event)
     note = gw.requests()[-1]["note"]
-    assert note == ("ignored unknown fields `eventTime` (did you mean `event_time`?), `source`, "
-                    "as production 1.3 does")
+    assert note == (CLIENT_OP_ID_NOTE + "; ignored unknown fields `eventTime` (did you mean "
+                    "`event_time`?), `source`, as production 1.3 does")
     # A replay compares the bodies without the fields it ignored.
     again = post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-u", other=1))
     assert again[2] == post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-u"))[2]
@@ -551,10 +573,11 @@ def test_a_replay_names_the_seq_it_replays():
     create(gw, op_id="op-r")
     first = gw.requests()[-1]["seq"]
     post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-r"))
-    assert gw.requests()[-1]["note"] == "replay of seq %d; nothing applied" % first
+    replay = CLIENT_OP_ID_NOTE + "; replay of seq %d; nothing applied"
+    assert gw.requests()[-1]["note"] == replay % first
     gw.clear_requests()
     post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-r"))
-    assert gw.requests()[-1]["note"] == "replay of seq %d; nothing applied" % first
+    assert gw.requests()[-1]["note"] == replay % first
 
 
 @LOCAL_ONLY
@@ -1215,10 +1238,14 @@ def test_the_readmes_changelog_names_the_modules_version():
 @LOCAL_ONLY
 def test_log_line_of_a_refusal_names_the_bodys_ids_and_the_note():
     gw = make_gateway(log=io.StringIO())
-    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-9", status="x" * 30))
+    post(gw, eg.CREATE, valid_body(eg.CREATE, status="x" * 30))
     line = gw.log.getvalue().strip()
     assert " 400 invalid_status: status is too long" in line
-    assert "op_id=op-9" in line and "(production 1.3 would accept this" in line
+    assert "(production 1.3 would accept this" in line
+    gw.log.truncate(0)
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-9", status="x" * 30))
+    line = gw.log.getvalue().strip()
+    assert "op_id=op-9" in line and "(production 1.3 refuses a client op_id" in line
 
 
 @LOCAL_ONLY
@@ -2643,7 +2670,7 @@ def test_journal_entry_of_a_create(gw):
     assert entry["request_id"] == dict(answer_headers)["X-Request-Id"]
     assert entry["received_at"] == 1800000001000 and isinstance(entry["seq"], int)
     assert (entry["error_code"], entry["error"], entry["fault"], entry["note"]) == (
-        None, None, None, None)
+        None, None, None, CLIENT_OP_ID_NOTE)
     assert entry["duration_ms"] >= 0
 
 
