@@ -726,7 +726,7 @@ def _same_secret(given, expected):
 # for the life of the process (at most 2 MB: measured with labels of 24 emoji),
 # and any others are stored as they came.  sys.intern would share them without
 # a bound, and on Python 3.12 what it interns is never freed.
-_LABELS = {}
+_LABELS: "dict[str, str]" = {}
 
 
 def _shared_label(text):
@@ -1980,7 +1980,9 @@ class Channels:
 
 # A queued fault: its route, kind, status, when, strikes left, delay,
 # Retry-After and the probability that a matching request is struck.
-Fault = collections.namedtuple("Fault", tuple(FAULT_DEFAULTS))
+# Its fields are FAULT_DEFAULTS' keys, written out so that type checkers can read them.
+Fault = collections.namedtuple("Fault", ("route", "kind", "status", "when", "count", "delay_ms",
+                                         "retry_after_s", "probability"))
 
 
 class _Drop(Exception):
@@ -2662,11 +2664,11 @@ class EventGateway:
         fault = request.fault
         if fault is not None and fault.when == "after" and status is not None:
             # The request was handled in full; its answer is now lost (section "Faults").
-            error = self.fault_queue.lost_answer(fault)
-            if error is None:
+            lost = self.fault_queue.lost_answer(fault)
+            if lost is None:
                 status, extra, payload = None, (), b""
             else:
-                status, extra, code, message = error.status, error.headers, error.code, error.message
+                status, extra, code, message = lost.status, lost.headers, lost.code, lost.message
         request_id = _new_hex_id()
         headers = [("X-Request-Id", request_id)] if raw or status == 405 else [
             ("Content-Type", "application/json"), ("X-Request-Id", request_id)]

@@ -4,7 +4,7 @@ lines to 11. local safety), then robustness, conformance mode and the README's e
 Most tests call the sans-I/O core (EventGateway.handle) directly; the tests
 under "HTTP shell" and "Command line" use real sockets on ephemeral ports.
 
-Run: python -m pytest -q
+Run: python -W error -m pytest -q
 
 Conformance mode runs the same tests over HTTP against a server you started:
 
@@ -129,6 +129,44 @@ BASE_BODIES = {
                "status": "resolved", "message": "Replica caught up", "severity": "normal",
                "event_time": T0 + 120},
 }
+
+
+# Every CLI process and HTTP connection a test opens, so that it is stopped and
+# closed after the test, however the test ended (the suite runs under python -W error).
+STARTED = []
+CONNECTIONS = []
+
+
+def http_connection(url, timeout):
+    """An http.client connection to url, closed after the test."""
+    conn = http.client.HTTPConnection(*address(url), timeout=timeout)
+    CONNECTIONS.append(conn)
+    return conn
+
+
+@pytest.fixture(autouse=True)
+def close_what_tests_opened():
+    yield
+    while CONNECTIONS:
+        CONNECTIONS.pop().close()
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as text:
+        return text.read()
+
+
+def read_bytes(path):
+    with open(path, "rb") as data:
+        return data.read()
 
 
 def valid_body(route, **changes):
@@ -265,7 +303,7 @@ class RemoteGateway:
         headers = dict(headers)
         if self.token and not any(name.lower() == "authorization" for name in headers):
             headers["Authorization"] = "Bearer " + self.token
-        conn = http.client.HTTPConnection(*address(self.url), timeout=30)
+        conn = http_connection(self.url, 30)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
             for name, value in headers.items():
@@ -433,7 +471,7 @@ def test_lines_differ_in_their_success_data_and_locales():
 @LOCAL_ONLY
 def test_the_steps_read_the_lines_table_not_the_version():
     # One record per line, one field per row: no step may test the version itself.
-    source = open(SCRIPT, encoding="utf-8").read()
+    source = read_text(SCRIPT)
     assert not re.search(r"""(version|line(\.name)?) *[!=]= *["']1\.[23]["']""", source)
     assert set(eg.LINES) == {"1.2", "1.3"} and eg.DEFAULT_LINE == "1.3"
     assert [field for field in eg.Line._fields if getattr(eg.LINES["1.2"], field)
@@ -707,7 +745,7 @@ def test_rate_limit_over_http_reads_the_peer_address():
     gateway = line_gateway("1.3", rate_limit=True)
     gateway.clock.now = 1800000000.0 - 1800000000.0 % 60
     with eg.serve_in_thread(gateway) as served:
-        conn = http.client.HTTPConnection(*address(served.url), timeout=5)
+        conn = http_connection(served.url, 5)
         body = json.dumps(valid_body(eg.CREATE))
         statuses = []
         for _ in range(61):
@@ -1230,7 +1268,7 @@ def test_admin_info_names_the_line_the_version_and_every_bound():
 
 @LOCAL_ONLY
 def test_the_readmes_changelog_names_the_modules_version():
-    text = open(README, encoding="utf-8").read()
+    text = read_text(README)
     changelog = text.split("## Changelog", 1)[1]
     assert re.search(r"^### %s\b" % re.escape(eg.__version__), changelog, re.M)
 
@@ -2920,8 +2958,8 @@ def test_stopping_the_server_answers_a_wait_with_what_there_is():
     gateway = make_gateway()
     with eg.serve_in_thread(gateway) as served:
         create(gateway)
-        conn = http.client.HTTPConnection(*address(served.url), timeout=10)
-        idle = http.client.HTTPConnection(*address(served.url), timeout=10)
+        conn = http_connection(served.url, 10)
+        idle = http_connection(served.url, 10)
         idle.request("GET", "/healthz")
         idle.getresponse().read()               # a kept-alive connection with nothing under way
 
@@ -3032,6 +3070,11 @@ def test_retry_after_and_message_of_a_fault(gw):
     assert "HTTP" not in envelope["error"] and "fault" in envelope["error"]
 
 
+def test_a_faults_fields_are_its_defaults_keys():
+    # Fault's fields are written out for type checkers; they must stay FAULT_DEFAULTS'.
+    assert eg.Fault._fields == tuple(eg.FAULT_DEFAULTS)
+
+
 def strikes(seed):
     gateway = eg.EventGateway(seed=seed)
     gateway.add_fault("*", 503, count=1000, probability=0.5)
@@ -3140,7 +3183,7 @@ CREATE_BYTES = json.dumps(valid_body(eg.CREATE, tags=["db", "replica"])).encode(
 
 
 def test_http_create_through_a_real_socket(live):
-    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn = http_connection(live.url, 5)
     conn.request("POST", eg.CREATE, CREATE_BYTES, HTTP_HEADERS)
     response = conn.getresponse()
     envelope = json.loads(response.read())
@@ -3150,7 +3193,7 @@ def test_http_create_through_a_real_socket(live):
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(live):
-    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn = http_connection(live.url, 5)
     conn.connect()
     first_socket = conn.sock
     for _ in range(3):
@@ -3347,7 +3390,7 @@ def test_http_limits_last_passing_value(live, data):
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "BREW"])
 def test_any_method_gets_the_envelope_405(live, method):
-    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn = http_connection(live.url, 5)
     conn.request(method, eg.CREATE, b"{}", HTTP_HEADERS)
     response = conn.getresponse()
     assert response.status == 405 and response.getheader("Allow") == "POST"
@@ -3424,7 +3467,7 @@ def test_slow_clients_do_not_delay_others(live):
         for sock in trickling:
             sock.sendall(b"POST /event/create HTTP/1.1\r\nHost: t\r\n")
         started = time.monotonic()
-        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn = http_connection(live.url, 5)
         conn.request("POST", eg.CREATE, CREATE_BYTES, HTTP_HEADERS)
         assert conn.getresponse().status == 200
         assert time.monotonic() - started < 1.0
@@ -3451,7 +3494,7 @@ def test_hundreds_of_idle_connections_do_not_block_a_new_client(live):
     baseline = threading.active_count()
     idle = [connect(live.url) for _ in range(300)]
     try:
-        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn = http_connection(live.url, 5)
         conn.request("GET", "/healthz")
         assert conn.getresponse().status == 200
         conn.close()
@@ -3472,7 +3515,7 @@ def test_client_reset_does_not_stop_the_server(live, capfd):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.sendall(data)
         sock.close()                     # linger 0: the close is a reset
-    conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+    conn = http_connection(live.url, 5)
     conn.request("GET", "/healthz")
     assert conn.getresponse().status == 200
     assert "Traceback" not in capfd.readouterr().err
@@ -3482,7 +3525,7 @@ def test_concurrent_same_op_id_over_http(live):
     body = json.dumps(valid_body(eg.CREATE, op_id="http-race")).encode()
 
     def send(i):
-        conn = http.client.HTTPConnection(*address(live.url), timeout=10)
+        conn = http_connection(live.url, 10)
         conn.request("POST", eg.CREATE, body, HTTP_HEADERS)
         response = conn.getresponse()
         return response.status, response.read()
@@ -3558,7 +3601,7 @@ def test_drop_over_a_real_socket_reads_zero_bytes(live):
 @LOCAL_ONLY
 def test_serve_in_thread_closes_keep_alive_connections_on_exit():
     with eg.serve_in_thread() as served:
-        conn = http.client.HTTPConnection(*address(served.url), timeout=5)
+        conn = http_connection(served.url, 5)
         conn.request("GET", "/healthz")
         assert conn.getresponse().read()
     with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
@@ -3645,10 +3688,12 @@ def test_accept_backs_off_when_out_of_descriptors(monkeypatch):
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_gateway.py")
 
 
-def start_cli(*args):
+def start_cli(*args, **options):
     """Start the CLI on a free port; returns (process, its start-up line, its base URL)."""
     process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"] + list(args),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               **options)
+    STARTED.append(process)
     line = process.stdout.readline()     # printed once the socket listens
     match = re.search(r"http://127\.0\.0\.1:\d+", line)
     assert match, (line, process.stderr.read() if process.poll() is not None else "")
@@ -3663,7 +3708,7 @@ def test_cli_serves_logs_and_stops_cleanly(stop_signal):
     try:
         assert "auth on" in line and crockford(42) in line
         assert "cli-t0ken" not in line and "cli-password" not in line
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         body = valid_body(eg.CREATE, channel_id=crockford(42), password="cli-password")
         conn.request("POST", eg.CREATE, json.dumps(body),
                      dict(HTTP_HEADERS, Authorization="Bearer cli-t0ken"))
@@ -3685,7 +3730,7 @@ def test_cli_names_its_version_and_line_and_answers_as_it(args, line):
     try:
         assert started.startswith("event_gateway %s: listening on " % eg.__version__)
         assert " as production %s " % line in started
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         conn.request("POST", eg.CREATE, json.dumps(SEED_CURL_EXAMPLE), JSON_HEADERS)
         answer = json.loads(conn.getresponse().read())
         conn.close()
@@ -3701,7 +3746,7 @@ def test_cli_rate_limit_reaches_the_gateway():
     # reaches the gateway (a real clock may turn the minute in the middle of a burst).
     process, _, url = start_cli("--quiet", "--rate-limit")
     try:
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         conn.request("GET", "/__admin/info")
         info = json.loads(conn.getresponse().read())["data"]
         conn.close()
@@ -3716,9 +3761,10 @@ def test_cli_default_is_the_page_example_channel():
     process, line, url = start_cli()
     try:
         assert "auth off" in line and CHANNEL in line and PASSWORD not in line
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         conn.request("POST", eg.CREATE, CREATE_BYTES, HTTP_HEADERS)
         assert conn.getresponse().status == 200
+        conn.close()
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
@@ -3819,7 +3865,7 @@ def test_cli_ready_file_holds_the_url_while_it_listens(tmp_path):
     try:
         # The start-up line comes after the file is written.
         assert ready.read_text(encoding="utf-8") == url + "\n"
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         conn.request("GET", "/readyz")
         assert conn.getresponse().status == 200
         conn.close()
@@ -3880,7 +3926,7 @@ def test_cli_serves_with_a_stdout_nobody_reads(tmp_path, stdout):
         os.close(write_end)
     try:
         url = wait_for_ready_file(process, ready)
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         conn.request("GET", "/readyz")
         assert conn.getresponse().status == 200
         conn.close()
@@ -3936,12 +3982,9 @@ def test_cli_raises_its_soft_descriptor_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 64:
         pytest.skip("the hard limit here is too low to see a raise")
-    process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
-                                                                     (64, hard)))
+    process, _, _ = start_cli(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                    (64, hard)))
     try:
-        assert "listening" in process.stdout.readline()
         with open("/proc/%d/limits" % process.pid) as limits:
             line = next(line for line in limits if line.startswith("Max open files"))
         assert int(line.split()[3]) > 64
@@ -4020,7 +4063,7 @@ def test_page_never_parses_data_as_html():
 @LOCAL_ONLY
 def test_opening_the_page_leaves_the_journal_empty(live):
     for path in ("/", "/favicon.ico"):
-        conn = http.client.HTTPConnection(*address(live.url), timeout=5)
+        conn = http_connection(live.url, 5)
         conn.request("GET", path)
         response = conn.getresponse()
         response.read()
@@ -4167,7 +4210,7 @@ def test_cli_allow_host():
     process, _, url = start_cli("--quiet", "--allow-host", "gateway", "--allow-host", "Other.")
     try:
         for host, status in (("gateway", 200), ("other", 200), ("third", 403)):
-            conn = http.client.HTTPConnection(*address(url), timeout=5)
+            conn = http_connection(url, 5)
             conn.request("GET", "/__admin/info", headers={"Host": host})
             assert conn.getresponse().status == status
             conn.close()
@@ -4393,7 +4436,7 @@ def test_openapi_follows_a_changed_limit(monkeypatch):
 
 
 def test_the_readme_and_page_examples_satisfy_the_request_schema():
-    readme = open(README, encoding="utf-8").read()
+    readme = read_text(README)
     bodies = [json.loads(text) for text in re.findall(r"-d '(\{.*?\})'", readme, re.S)]
     for line in eg.LINES:
         document = openapi(line)
@@ -4620,7 +4663,7 @@ README = os.path.join(os.path.dirname(SCRIPT), "README.md")
 
 def readme_files():
     """The README's Python blocks that begin with "# NAME.py", as {NAME.py: text}."""
-    text = open(README, encoding="utf-8").read()
+    text = read_text(README)
     files = {}
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         match = re.match(r"# (\w+\.py)\b", block)
@@ -4632,7 +4675,7 @@ def readme_files():
 def run_readme_tests(tmp_path, files):
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    (tmp_path / "event_gateway.py").write_bytes(open(SCRIPT, "rb").read())
+    (tmp_path / "event_gateway.py").write_bytes(read_bytes(SCRIPT))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
 
@@ -4669,7 +4712,7 @@ def test_readme_ceiling_answers_a_create_as_the_gateway_does(tmp_path):
                                text=True)
     try:
         url = re.search(r"http://\S+", ceiling.stdout.readline()).group(0).rstrip("/")
-        conn = http.client.HTTPConnection(*address(url), timeout=5)
+        conn = http_connection(url, 5)
         sizes = []
         for _ in range(2):          # the second request rides the same connection
             conn.request("POST", eg.CREATE, CREATE_BYTES, HTTP_HEADERS)
@@ -4688,7 +4731,7 @@ def test_readme_ceiling_answers_a_create_as_the_gateway_does(tmp_path):
 @LOCAL_ONLY
 def test_every_error_code_is_expected_by_some_test():
     # Guards the tables: a code added to ERRORS needs a test that expects it by name.
-    source = open(__file__, encoding="utf-8").read()
+    source = read_text(__file__)
     source = source[:source.index("def test_every_error_code_is_expected_by_some_test")]
     missing = [code for code in eg.ERRORS if '"%s"' % code not in source]
     assert not missing, "no test names these codes: %s" % missing
