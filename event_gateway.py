@@ -3054,11 +3054,18 @@ class EventGateway:
         return self.info()
 
     def _route_admin_openapi(self, request):
-        # The document of this gateway's line, made on first use and kept (it is
-        # the same for every request).
+        # The document of this gateway's line, made on first use and kept as the
+        # bytes around its server URL, which names the address it was fetched from
+        # (the Host that step 1a let through).
         if self._openapi is None:
-            self._openapi = json.dumps(openapi_document(self.line), ensure_ascii=False).encode()
-        return _Raw(200, (("Content-Type", "application/json"),), self._openapi)
+            text = json.dumps(openapi_document(self.line, _OPENAPI_SERVER_MARK),
+                              ensure_ascii=False).encode()
+            self._openapi = text.split(json.dumps(_OPENAPI_SERVER_MARK).encode(), 1)
+        host = request.authority if request.authority is not None else request.headers.get("host")
+        server = "http://%s" % host.strip(OWS) if host else "http://127.0.0.1:%d" % DEFAULT_PORT
+        before, after = self._openapi
+        return _Raw(200, (("Content-Type", "application/json"),),
+                    before + json.dumps(server).encode() + after)
 
     def _route_admin_event_get(self, request):
         event = self.event(request.segment)
@@ -3212,8 +3219,12 @@ def _event_route_codes(line, action, thing_scoped):
     codes += list(FIELD_CODES["channel_id"] + FIELD_CODES["password"])
     codes += ["channel_not_found", "password_mismatch"]           # step 10
     codes.append(REQUIRED_FIELDS[action][1])                      # step 11
+    forbidden = {name for name, _ in FORBIDDEN_FIELDS[action]}
     for name, _ in FIELD_RULES:                                   # steps 11-12
-        codes += FIELD_CODES[name]
+        if name in forbidden:
+            continue            # step 9 refuses the field before its rule could
+        codes += [code for code in FIELD_CODES[name]
+                  if code != "event_id_required" or action != CREATE]
     codes.append(line.op_id_conflict)                             # step 13
     if action != CREATE:
         codes += ["event_not_found", "event_closed", "thing_id_mismatch"]   # step 14
@@ -3267,7 +3278,40 @@ def _text(max_chars=None, min_chars=None, max_bytes=None, min_bytes=None, patter
 
 
 _ID_PATTERN = "^%s$" % _ID_CHARS.pattern
-_NOT_BLANK = "\\S"              # strings are trimmed: one that is only white space is empty
+
+
+def _trimmed_text(max_chars=None, max_bytes=None, min_bytes=None, id_chars=False,
+                  optional=False, nullable=False, description=None):
+    """The schema of a string that its rule trims before it checks it.
+
+    Its limits count the trimmed text, which maxLength cannot say (a value padded
+    with spaces passes the rule), so the pattern says them: white space, then the
+    text (at most max_chars characters, or max_bytes for a limit in bytes, which
+    is never fewer characters), then white space.  An optional field that is empty
+    after trimming counts as absent.  The limit is also stated as an x- keyword.
+    """
+    most = max_chars if max_chars is not None else max_bytes
+    if id_chars:
+        text = "%s{1,%d}" % (_ID_CHARS.pattern[:-1], most)      # the class without its +
+    else:
+        text = "\\S" if most == 1 else "\\S([\\s\\S]{0,%d}\\S)?" % (most - 2)
+    schema = {"type": ["string", "null"] if nullable else "string",
+              "pattern": "^\\s*(%s)%s\\s*$" % (text, "?" if optional else "")}
+    notes = [description] if description else []
+    if max_chars is not None:
+        schema["x-max-chars-after-trimming"] = max_chars
+        notes.append("At most %d characters after trimming." % max_chars)
+    if max_bytes is not None:
+        schema["x-max-utf8-bytes"] = max_bytes
+        notes.append("At most %d bytes of UTF-8 after trimming." % max_bytes)
+    if min_bytes is not None:
+        schema["x-min-utf8-bytes"] = min_bytes
+        notes.append("At least %d bytes of UTF-8 after trimming." % min_bytes)
+    notes.append("Empty after trimming: absent." if optional else "Not empty after trimming.")
+    schema["description"] = " ".join(notes)
+    return schema
+
+
 _TIMESTAMP = {"type": "integer", "minimum": 0, "exclusiveMaximum": MILLISECONDS_BELOW,
               "description": "Unix seconds below %d, Unix milliseconds from there; a whole "
                              "number (no fraction, no string)" % SECONDS_BELOW}
@@ -3279,27 +3323,30 @@ def _field_schemas():
         "channel_id": _text(min_chars=CROCKFORD_SYMBOLS, description=(
             "Crockford base32 of 128 bits: %d symbols of %s, any case; '-' and spaces are "
             "ignored, O reads as 0, I and L as 1" % (CROCKFORD_SYMBOLS, CROCKFORD_ALPHABET))),
-        "password": _text(max_bytes=PASSWORD_MAX_BYTES, min_bytes=PASSWORD_MIN_BYTES,
-                          pattern=_NOT_BLANK),
-        "op_id": _text(max_chars=OP_ID_MAX_CHARS, pattern=_ID_PATTERN, nullable=True,
-                       description="Idempotency key; absent: the gateway generates one"),
-        "thing_id": _text(max_chars=THING_ID_MAX_CHARS, pattern=_ID_PATTERN, nullable=True),
-        "ciphertext": _text(nullable=True, description="End-to-end encrypted payload; kept "
-                                                       "with the dispatch"),
-        "event_id": _text(min_chars=1, max_chars=EVENT_ID_MAX_CHARS, pattern=_ID_PATTERN),
-        "title": _text(min_chars=1, max_chars=TITLE_MAX_CHARS, pattern=_NOT_BLANK),
-        "description": _text(max_chars=DESCRIPTION_MAX_CHARS, nullable=True),
-        "status": _text(min_chars=1, max_chars=STATUS_MAX_CHARS, pattern=_NOT_BLANK),
-        "message": _text(min_chars=1, max_chars=MESSAGE_MAX_CHARS, pattern=_NOT_BLANK),
+        "password": _trimmed_text(max_bytes=PASSWORD_MAX_BYTES, min_bytes=PASSWORD_MIN_BYTES),
+        "op_id": _trimmed_text(max_chars=OP_ID_MAX_CHARS, id_chars=True, optional=True,
+                               nullable=True, description="Idempotency key; absent: the "
+                                                          "gateway generates one."),
+        "thing_id": _trimmed_text(max_chars=THING_ID_MAX_CHARS, id_chars=True, optional=True,
+                                  nullable=True, description="Absent: no thing (on update "
+                                                             "and close: the event's)."),
+        "ciphertext": {"type": ["string", "null"], "description": "End-to-end encrypted "
+                       "payload; kept with the dispatch. Empty after trimming: absent."},
+        "event_id": _trimmed_text(max_chars=EVENT_ID_MAX_CHARS, id_chars=True),
+        "title": _trimmed_text(max_chars=TITLE_MAX_CHARS),
+        "description": _trimmed_text(max_chars=DESCRIPTION_MAX_CHARS, optional=True,
+                                     nullable=True),
+        "status": _trimmed_text(max_chars=STATUS_MAX_CHARS),
+        "message": _trimmed_text(max_chars=MESSAGE_MAX_CHARS),
         "severity": {"type": "string", "enum": list(SEVERITIES),
                      "description": "Any case; stored lower-case"},
         "event_time": dict(_TIMESTAMP),
         "started_at": dict(_TIMESTAMP, type=["integer", "null"]),
         "ended_at": dict(_TIMESTAMP, type=["integer", "null"]),
         "tags": {"type": ["array", "null"], "maxItems": TAGS_MAX_ITEMS,
-                 "items": _text(min_chars=1, max_bytes=TAG_MAX_BYTES)},
+                 "items": _trimmed_text(max_bytes=TAG_MAX_BYTES)},
         "images": {"type": "array", "maxItems": IMAGES_MAX_ITEMS,
-                   "items": _text(min_chars=1, max_bytes=IMAGE_MAX_BYTES)},
+                   "items": _trimmed_text(max_bytes=IMAGE_MAX_BYTES)},
         "attrs": {"type": "object", "description": "A patch: a scalar sets a key, null deletes "
                   "it, a one-level object of scalars replaces it",
                   "additionalProperties": {"anyOf": [
@@ -3307,11 +3354,19 @@ def _field_schemas():
                       {"type": "object", "additionalProperties": {
                           "type": ["string", "number", "boolean", "null"]}}]}},
         "metadata": {"type": ["object", "null"],
-                     "propertyNames": _text(min_chars=1, max_bytes=METADATA_KEY_MAX_BYTES),
+                     "propertyNames": _trimmed_text(max_bytes=METADATA_KEY_MAX_BYTES),
                      "additionalProperties": {"anyOf": [
-                         _text(min_chars=1, max_bytes=METADATA_VALUE_MAX_BYTES),
+                         _trimmed_text(max_bytes=METADATA_VALUE_MAX_BYTES),
                          {"type": ["number", "boolean"]}]}},
     }
+
+
+# A {thing_id} or {op_id} path segment: an empty one is an unknown path, a blank one
+# is refused by the field's rule.
+_PATH_SEGMENT_SCHEMAS = MappingProxyType({
+    "thing_id": _trimmed_text(max_chars=THING_ID_MAX_CHARS, id_chars=True),
+    "op_id": _trimmed_text(max_chars=OP_ID_MAX_CHARS, id_chars=True),
+})
 
 
 def _request_schema(line, action):
@@ -3392,6 +3447,9 @@ _SEND_STATUS_SCHEMA = {"type": "object", "additionalProperties": False,
                                       "updated_at": {"type": "integer"},
                                       "expires_at": {"type": "integer"}}}
 
+# Stands for the server URL in the kept bytes of GET /__admin/openapi.json.
+_OPENAPI_SERVER_MARK = "<the address the document was fetched from>"
+
 _HEADER_DOCS = MappingProxyType({
     "X-Request-Id": "32 lowercase hex digits; the request's line in the log and the journal",
     "Content-Language": "the locale of problem.localized_message",
@@ -3458,8 +3516,9 @@ def _example_bodies():
             "milliseconds": {"summary": "the same, in milliseconds", "value": millis}}
 
 
-def openapi_document(line):
-    """The OpenAPI 3.1 description of line (a LINES record), as a dict."""
+def openapi_document(line, server="http://127.0.0.1:%d" % DEFAULT_PORT):
+    """The OpenAPI 3.1 description of line (a LINES record), as a dict; server is
+    the base URL it names (GET /__admin/openapi.json names the one it was fetched from)."""
     paths = {}
     for path, methods in ROUTES.items():
         if path in LINE_ROUTES and not getattr(line, LINE_ROUTES[path]):
@@ -3468,13 +3527,14 @@ def openapi_document(line):
         if "{" in path:
             name = path.split("{", 1)[1].split("}", 1)[0]
             item["parameters"] = [{"name": name, "in": "path", "required": True,
-                                   "schema": _field_schemas().get(name) or _text(min_chars=1)}]
+                                   "schema": _PATH_SEGMENT_SCHEMAS.get(name) or _text(min_chars=1)}]
         for method in sorted(methods):
             operation = {
                 "operationId": (method.lower() + path.replace("{", "").replace("}", "")
                                 .replace("/", "_").replace(".", "_")).rstrip("_"),
                 "tags": ["test-support" if path.startswith(ADMIN_PREFIX)
                          else "events" if path in EVENT_ACTIONS else "gateway"],
+                "parameters": [{"$ref": "#/components/parameters/Accept-Language"}],
                 "responses": _responses(line, path, method)}
             if path not in PUBLIC_PATHS:
                 operation["security"] = [{}, {"bearer": []}]
@@ -3510,7 +3570,7 @@ def openapi_document(line):
                  "description": "Generated by event_gateway %s from the tables that its "
                                 "checks use; production line %s (%s)."
                                 % (__version__, line.name, line.releases)},
-        "servers": [{"url": "http://127.0.0.1:%d" % DEFAULT_PORT}],
+        "servers": [{"url": server}],
         "tags": [{"name": "events", "description": "the Event API"},
                  {"name": "gateway", "description": "probes, send status, the live page"},
                  {"name": "test-support", "description": "this gateway's own routes for "
@@ -3518,6 +3578,11 @@ def openapi_document(line):
         "paths": paths,
         "components": {
             "schemas": schemas,
+            "parameters": {"Accept-Language": {
+                "name": "Accept-Language", "in": "header", "required": False,
+                "schema": {"type": "string"},
+                "description": "the locale of an error's problem.localized_message: %s; "
+                               "anything else is en" % ", ".join(line.locales)}},
             "headers": {name: {"description": text, "schema": {"type": "string"}}
                         for name, text in _HEADER_DOCS.items()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

@@ -4400,39 +4400,73 @@ def test_openapi_answers_match_their_schemas(line):
 
 
 # Each field rule's limit, as its schema must state it (in the unit the rule counts).
+# The rules trim strings first, so a character limit is stated as
+# x-max-chars-after-trimming and in the pattern, not as maxLength, which would
+# refuse a padded value that the rule accepts.
 LIMITS = [
-    ("password", "maxLength", eg.PASSWORD_MAX_BYTES), ("password", "x-max-utf8-bytes", 128),
+    ("password", "x-max-utf8-bytes", eg.PASSWORD_MAX_BYTES),
     ("password", "x-min-utf8-bytes", eg.PASSWORD_MIN_BYTES),
-    ("op_id", "maxLength", eg.OP_ID_MAX_CHARS), ("thing_id", "maxLength", eg.THING_ID_MAX_CHARS),
-    ("event_id", "maxLength", eg.EVENT_ID_MAX_CHARS), ("title", "maxLength", eg.TITLE_MAX_CHARS),
-    ("description", "maxLength", eg.DESCRIPTION_MAX_CHARS),
-    ("status", "maxLength", eg.STATUS_MAX_CHARS), ("message", "maxLength", eg.MESSAGE_MAX_CHARS),
+    ("op_id", "x-max-chars-after-trimming", eg.OP_ID_MAX_CHARS),
+    ("thing_id", "x-max-chars-after-trimming", eg.THING_ID_MAX_CHARS),
+    ("event_id", "x-max-chars-after-trimming", eg.EVENT_ID_MAX_CHARS),
+    ("title", "x-max-chars-after-trimming", eg.TITLE_MAX_CHARS),
+    ("description", "x-max-chars-after-trimming", eg.DESCRIPTION_MAX_CHARS),
+    ("status", "x-max-chars-after-trimming", eg.STATUS_MAX_CHARS),
+    ("message", "x-max-chars-after-trimming", eg.MESSAGE_MAX_CHARS),
     ("severity", "enum", list(eg.SEVERITIES)),
     ("event_time", "exclusiveMaximum", eg.MILLISECONDS_BELOW), ("event_time", "minimum", 0),
-    ("tags", "maxItems", eg.TAGS_MAX_ITEMS), ("tags.items", "maxLength", eg.TAG_MAX_BYTES),
-    ("tags.items", "x-max-utf8-bytes", eg.TAG_MAX_BYTES),
-    ("images", "maxItems", eg.IMAGES_MAX_ITEMS), ("images.items", "x-max-utf8-bytes", 2048),
+    ("tags", "maxItems", eg.TAGS_MAX_ITEMS), ("tags.items", "x-max-utf8-bytes", eg.TAG_MAX_BYTES),
+    ("images", "maxItems", eg.IMAGES_MAX_ITEMS),
+    ("images.items", "x-max-utf8-bytes", eg.IMAGE_MAX_BYTES),
     ("metadata.propertyNames", "x-max-utf8-bytes", eg.METADATA_KEY_MAX_BYTES),
 ]
 
 
-@pytest.mark.parametrize("field, keyword, limit", LIMITS, ids=lambda v: str(v)[:30])
-def test_openapi_states_each_field_rules_limit(field, keyword, limit):
-    document = openapi("1.3")
+def field_schema(document, field):
     schema = document["components"]["schemas"]["CreateRequest"]["properties"]
     name, _, part = field.partition(".")
     node = schema[name] if name != "event_id" else document["components"]["schemas"][
         "UpdateRequest"]["properties"]["event_id"]
-    node = node[part] if part else node
+    return node[part] if part else node
+
+
+@pytest.mark.parametrize("field, keyword, limit", LIMITS, ids=lambda v: str(v)[:30])
+def test_openapi_states_each_field_rules_limit(field, keyword, limit):
+    node = field_schema(openapi("1.3"), field)
     assert node[keyword] == limit
-    if keyword == "x-max-utf8-bytes":
-        assert "bytes of UTF-8" in node["description"]
+    if keyword.startswith("x-max"):
+        assert "%d %s" % (limit, "bytes of UTF-8" if "bytes" in keyword else "characters") in (
+            node["description"])
+
+
+# The pattern of each trimmed field at its boundary: the last value that passes and
+# the first that fails, padded as a client may send it; and what the rule decides.
+TRIMMED = [("op_id", "o", eg.OP_ID_MAX_CHARS, True), ("thing_id", "t", eg.THING_ID_MAX_CHARS, True),
+           ("event_id", "e", eg.EVENT_ID_MAX_CHARS, False),
+           ("title", "T", eg.TITLE_MAX_CHARS, False),
+           ("description", "d", eg.DESCRIPTION_MAX_CHARS, True),
+           ("status", "s", eg.STATUS_MAX_CHARS, False), ("message", "m", eg.MESSAGE_MAX_CHARS, False)]
+
+
+@pytest.mark.parametrize("field, char, most, optional", TRIMMED, ids=[t[0] for t in TRIMMED])
+def test_openapi_patterns_say_what_the_trimming_rule_accepts(field, char, most, optional):
+    pattern = field_schema(openapi("1.3"), field)["pattern"]
+    route = eg.UPDATE if field == "event_id" else eg.CREATE
+    for value, passes in ((" %s \t" % (char * most), True), (char * (most + 1), False),
+                          ("%s %s" % (char, char), field not in ("op_id", "thing_id", "event_id")),
+                          ("", optional), ("  ", optional)):
+        assert bool(re.search(pattern, value)) is passes, (field, value[:20], passes)
+        status, _, envelope = post(make_gateway(), route, valid_body(route, **{field: value}))
+        refused = status == 400 and envelope["error_code"] in (
+            eg.FIELD_CODES[field] + (eg.REQUIRED_FIELDS[route][1],))
+        assert refused is not passes, (field, value[:20], status, envelope)
 
 
 def test_openapi_follows_a_changed_limit(monkeypatch):
     monkeypatch.setattr(eg, "STATUS_MAX_CHARS", 30)
     properties = openapi("1.3")["components"]["schemas"]["UpdateRequest"]["properties"]
-    assert properties["status"]["maxLength"] == 30
+    assert properties["status"]["x-max-chars-after-trimming"] == 30
+    assert "{0,28}" in properties["status"]["pattern"]
 
 
 def test_the_readme_and_page_examples_satisfy_the_request_schema():
@@ -4478,6 +4512,7 @@ DIFFERENCE_ROWS = [
     ("V5", r"^/components/schemas/\w+Request/additionalProperties$"),
     ("V6", r"^/paths/~event/\w+/post/responses/409/"),
     ("V7", r"^/components/schemas/Problem/properties/locale/enum$"),
+    ("V7", r"^/components/parameters/Accept-Language/description$"),
     ("V8", r"^/paths/~event/\w+/post/description$"),
     ("V9", r"^/components/schemas/(Create|Update)Request/properties/ended_at$"),
 ]
@@ -4506,6 +4541,57 @@ def test_openapi_over_http_and_from_the_command_line():
                                 capture_output=True, text=True, timeout=20)
         assert result.returncode == 0 and json.loads(result.stdout) == json.loads(payload)
     assert '<a id="openapi" href="/__admin/openapi.json">' in eg.PAGE_HTML
+
+
+@pytest.mark.parametrize("host, server", [
+    pytest.param("127.0.0.1:41234", "http://127.0.0.1:41234", id="ip-and-port"),
+    pytest.param("[::1]:8666", "http://[::1]:8666", id="ipv6"),
+    pytest.param("gateway.localhost", "http://gateway.localhost", id="localhost-name"),
+])
+def test_openapi_names_the_address_it_was_fetched_from(host, server):
+    gw = make_gateway()
+    payload = gw.handle("GET", "/__admin/openapi.json", {"Host": host}, None)[2]
+    assert json.loads(payload)["servers"] == [{"url": server}]
+    absolute = gw.handle("GET", "http://%s/__admin/openapi.json" % host, {}, None)[2]
+    assert json.loads(absolute)["servers"] == [{"url": server}]
+    assert openapi("1.3")["servers"] == [{"url": "http://127.0.0.1:%d" % eg.DEFAULT_PORT}]
+
+
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_openapi_declares_accept_language_on_every_operation(line):
+    document = openapi(line)
+    parameter = document["components"]["parameters"]["Accept-Language"]
+    assert (parameter["in"], parameter["name"]) == ("header", "Accept-Language")
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            assert {"$ref": "#/components/parameters/Accept-Language"} in operation[
+                "parameters"], (path, method)
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    assert "Content-Language" in response["headers"], (path, method, status)
+
+
+# Codes that step 9 makes unreachable on a route: the field is refused before its rule.
+UNREACHABLE = [(eg.CREATE, "event_id_required"), (eg.CREATE, "invalid_event_id"),
+               (eg.CREATE, "invalid_ended_at"), (eg.UPDATE, "invalid_started_at"),
+               (eg.UPDATE, "invalid_ended_at"), (eg.CLOSE, "invalid_started_at")]
+
+
+@pytest.mark.parametrize("route, code", UNREACHABLE, ids=["%s-%s" % pair for pair in UNREACHABLE])
+def test_openapi_lists_no_code_a_route_cannot_reach(route, code):
+    for line in eg.LINES:
+        assert code not in eg.route_codes(eg.LINES[line], route, "POST")
+    # ... and indeed the route never answers it: the field is refused at step 9 first.
+    field = "event_id" if "event_id" in code else code.split("_", 1)[1]
+    for value in ("", "x" * 200, -1, "bad value"):
+        gw = make_gateway()
+        answer = post(gw, route, valid_body(route, **{field: value}))
+        assert answer[0] != 200 and answer[2]["error_code"] != code
+    reachable = {eg.CLOSE: "invalid_ended_at", eg.UPDATE: "invalid_event_id"}
+    for action, listed in reachable.items():
+        assert listed in eg.route_codes(eg.LINES["1.3"], action, "POST")
 
 
 # Robustness: no input gets a 5xx ##################################################
