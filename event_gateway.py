@@ -120,7 +120,7 @@ from types import MappingProxyType
 __all__ = ["EventGateway", "GatewayError", "LINES", "make_server", "serve_in_thread", "main"]
 
 # What changed for users in each version: the README's changelog.
-__version__ = "3.0.0"
+__version__ = "3.1.0"
 
 
 # Limits and defaults ###########################################################
