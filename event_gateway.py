@@ -96,6 +96,7 @@ import gc
 import hashlib
 import hmac
 import http
+import http.client
 import http.server
 import io
 import ipaddress
@@ -288,6 +289,73 @@ LINES = MappingProxyType({
     ),
 })
 DEFAULT_LINE = "1.3"
+
+
+# Where two gateways may answer the same request differently, and this contract
+# says so: the reasons `compare` gives a disagreement (the section "Comparing with
+# another gateway" judges; the README's table of differences shows these rows).
+# A reason explains a disagreement when each condition it sets holds:
+#   across_lines  the recording's line and the target's differ (rows V1-V9 above);
+#   target_line   the target answers as this line;
+#   kinds         the disagreement is of one of these kinds;
+#   side, codes   the recorded answer's error_code ("recorded"), the target's
+#                 ("target"), or either one's, is one of codes;
+#   path          the request's path matches this regex;
+#   places        every place where the two bodies or headers differ matches it;
+#   fault         a queued fault struck the recorded exchange.
+Reason = collections.namedtuple("Reason", (
+    "name", "says", "across_lines", "target_line", "kinds", "side", "codes", "path",
+    "places", "fault"))
+
+_REFUSALS = frozenset({"target_accepts", "target_refuses", "status", "code"})
+_ANY_KIND = _REFUSALS | {"shape", "no_answer"}
+
+
+def _reason(name, says, across_lines=False, target_line=None, kinds=_REFUSALS, side="either",
+            codes=None, path=None, places=None, fault=False):
+    return Reason(name, says, across_lines, target_line, frozenset(kinds), side,
+                  None if codes is None else frozenset(codes), path, places, fault)
+
+
+STATED_REASONS = (
+    _reason("V1", "thing-scoped routes: line 1.2 has none", across_lines=True,
+            codes={"route_not_found"}, path="^/thing/"),
+    _reason("V2", "GET /send_status: line 1.2 has none", across_lines=True,
+            codes={"route_not_found"}, path="^/send_status/"),
+    _reason("V3", "the keys of a success's data differ by line", across_lines=True,
+            kinds={"shape"}, places="^/data/(channel_id|thing_id|accepted)$"),
+    _reason("V4", "a generated op_id has each line's form", across_lines=True,
+            kinds={"shape"}, places="^/data/op_id$"),
+    _reason("V5", "line 1.2 refuses an unknown field, line 1.3 ignores it", across_lines=True,
+            codes={"invalid_json_data"}),
+    _reason("V6", "the code of an op_id reused with another body differs by line",
+            across_lines=True, kinds={"code"}, codes={"op_id_conflict", "op_id_payload_conflict"}),
+    _reason("V7", "zh-TW is a locale of line 1.3 only", across_lines=True, kinds={"shape"},
+            places="^(/problem/locale|/headers/content-language)$"),
+    _reason("V8", "line 1.3 has a rate limit without a token", across_lines=True,
+            codes={"rate_limited"}),
+    _reason("V9", "line 1.3 refuses ended_at: null", across_lines=True,
+            codes={"ended_at_forbidden_on_create", "event_temporal_fields_forbidden_on_update"}),
+    _reason("lenient", "a rule of the page that production 1.3 no longer checks",
+            target_line="1.3", kinds={"target_accepts"}, side="recorded",
+            codes=LINES["1.3"].lenient_codes),
+    _reason("client_op_id", "production 1.3 refuses a client op_id; the page documents it",
+            target_line="1.3", side="target", codes={"op_id_not_allowed"}),
+    _reason("lifecycle", "this gateway's store: production keeps no events",
+            kinds={"target_accepts"}, side="recorded",
+            codes={"event_not_found", "event_closed", "thing_id_mismatch"}),
+    _reason("op_id_conflict", "line 1.2's conflict code: production replays the first answer",
+            kinds={"target_accepts"}, side="recorded", codes={"op_id_conflict"}),
+    _reason("capacity", "this gateway's bounds (max_events, the store's memory)",
+            codes={"store_full"}),
+    _reason("fault", "a queued fault struck the recorded exchange", kinds=_ANY_KIND,
+            fault=True),
+    _reason("specific_code", "this gateway's code is more specific than production's",
+            kinds={"code"}, side="target",
+            codes={"invalid_json_data", "validation_failed", "invalid_request_body"}),
+    _reason("head_413", "a body over the limit is 413 here, 400 invalid_request_body there",
+            kinds={"status"}, side="recorded", codes={"payload_too_large"}),
+)
 
 
 # Error codes and messages ######################################################
@@ -1754,6 +1822,8 @@ JOURNAL_KEYS = ("seq", "received_at", "method", "path", "query", "headers", "bod
                 "event_id", "channel_id", "fault", "note", "duration_ms")
 _SEQ, _J_METHOD, _J_PATH, _J_STATUS, _J_CODE, _J_CHANNEL = (JOURNAL_KEYS.index(key) for key in (
     "seq", "method", "path", "status", "error_code", "channel_id"))
+# After the shown keys, each entry keeps the answer's headers, for a recording.
+_J_ANSWER_HEADERS = len(JOURNAL_KEYS)
 MASK = "***"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
@@ -1926,6 +1996,11 @@ class Channels:
     def ids(self):
         with self._lock:
             return list(self._passwords)
+
+    def password_of(self, channel_id):
+        """The channel's password, or None: only a recording asks, to say whether a
+        password it replaces was the registered one."""
+        return self._passwords.get(channel_id)
 
     def reset(self):
         with self._lock:
@@ -2414,7 +2489,7 @@ class EventGateway:
     def __init__(self, token=None, channels=None, max_events=DEFAULT_MAX_EVENTS,
                  max_history=DEFAULT_MAX_HISTORY, max_requests=DEFAULT_MAX_REQUESTS, seed=0,
                  clock=time.time, log=None, gateway_version=DEFAULT_LINE, rate_limit=False,
-                 allow_hosts=(), max_store_mb=DEFAULT_MAX_STORE_MB):
+                 allow_hosts=(), max_store_mb=DEFAULT_MAX_STORE_MB, record=None):
         if channels is None:
             channels = {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD}
         if gateway_version not in LINES:
@@ -2448,13 +2523,19 @@ class EventGateway:
                         if path not in LINE_ROUTES or getattr(line, LINE_ROUTES[path])}
         self._event_route_names = ", ".join(path for path in self._routes if path in EVENT_ACTIONS)
         self._openapi = None            # the OpenAPI document, made when first asked for
+        # record: a writable text stream that every exchange, reset and admin line is
+        # appended to (section "Comparing with another gateway"); the caller owns it.
+        self.recorder = None if record is None else Recorder(record)
 
     # -- the embedding API ---------------------------------------------------------
 
     def register_channel(self, channel_id, password):
         """What POST /__admin/channels does: add a channel, or replace its password;
         returns the canonical id."""
-        return self.channels.register(channel_id, password)
+        channel_id = self.channels.register(channel_id, password)
+        self._record_admin("POST", "/__admin/channels", {"channel_id": channel_id,
+                                                         "password": "<password:registered>"})
+        return channel_id
 
     def channel_ids(self):
         """The registered channel ids (never their passwords)."""
@@ -2503,10 +2584,12 @@ class EventGateway:
 
     def clear_events(self):
         """What DELETE /__admin/events does: drop every event and op_id record."""
+        self._record_admin("DELETE", "/__admin/events", None)
         return self.store.clear()
 
     def clear_requests(self):
         """What DELETE /__admin/requests does: empty the journal (seq goes on)."""
+        self._record_admin("DELETE", "/__admin/requests", None)
         return self.journal.clear()
 
     def reset(self):
@@ -2519,8 +2602,10 @@ class EventGateway:
         del self.internal_errors[:]
         if self._rate is not None:
             self._rate.clear()
-        return {"events": self.clear_events(), "requests": self.clear_requests(),
-                "faults": self.clear_faults()}
+        if self.recorder is not None:
+            self.recorder.reset(int(self.clock() * 1000))
+        return {"events": self.store.clear(), "requests": self.journal.clear(),
+                "faults": self.fault_queue.clear()}
 
     def add_fault(self, route, status=None, count=1, delay_ms=0, when="before", kind="status",
                   retry_after_s=None, probability=1):
@@ -2528,10 +2613,12 @@ class EventGateway:
 
         Any argument may be None, meaning its default (as null in JSON).  What a
         fault does: the section "Faults" of this module."""
-        return self.fault_queue.add({"route": route, "status": status, "count": count,
-                                     "delay_ms": delay_ms, "when": when, "kind": kind,
-                                     "retry_after_s": retry_after_s,
-                                     "probability": probability})
+        fault = {"route": route, "status": status, "count": count, "delay_ms": delay_ms,
+                 "when": when, "kind": kind, "retry_after_s": retry_after_s,
+                 "probability": probability}
+        queued = self.fault_queue.add(fault)
+        self._record_admin("POST", "/__admin/faults", fault)
+        return queued
 
     def send_status(self, op_id):
         """What GET /send_status/{op_id} shows (in either line), or None."""
@@ -2542,7 +2629,11 @@ class EventGateway:
         op_id = check_op_id_segment(op_id)
         if status not in SEND_STATUSES:
             raise GatewayError("invalid_filter", "status must be one of %s" % ", ".join(SEND_STATUSES))
-        return self.store.set_send_status(op_id, status, int(self.clock() * 1000))
+        found = self.store.set_send_status(op_id, status, int(self.clock() * 1000))
+        if found is not None:
+            self._record_admin("POST", "/__admin/send_status/" + urllib.parse.quote(op_id),
+                               {"status": status})
+        return found
 
     def info(self):
         """What GET /__admin/info shows: the line, the version, auth and every bound."""
@@ -2566,7 +2657,27 @@ class EventGateway:
 
     def clear_faults(self):
         """What DELETE /__admin/faults does; returns how many strikes were left."""
+        self._record_admin("DELETE", "/__admin/faults", None)
         return self.fault_queue.clear()
+
+    def recording(self, **filters):
+        """The journal as recording lines (dicts; section "Comparing with another
+        gateway"), oldest first, with the filters of requests(): exchanges only,
+        since the journal keeps no test-support request."""
+        return [self._exchange_of(entry) for entry in self.journal.matching(
+            **_request_filters(**filters))]
+
+    def _exchange_of(self, entry):
+        view = dict(zip(JOURNAL_KEYS, entry))
+        target = view["path"] + ("?" + view["query"] if view["query"] else "")
+        return exchange_line(view["seq"], view["received_at"], self.line.name, view["method"],
+                             target, view["headers"], view["body"], view["status"],
+                             entry[_J_ANSWER_HEADERS], view["response"] or b"", view["fault"],
+                             view["note"], self.channels.password_of, self.token)
+
+    def _record_admin(self, method, target, body):
+        if self.recorder is not None:
+            self.recorder.admin(method, target, body, int(self.clock() * 1000))
 
     def stop_waiting(self, stopping=True):
         """End every wait now (the server stops), or let waits wait again."""
@@ -2683,14 +2794,18 @@ class EventGateway:
         headers.extend(extra)
         duration_ms = (time.perf_counter() - started) * 1000
         path = request.path
-        journaled = self.journal.max_requests and not (path in UNJOURNALED_PATHS
-                                                        or path.startswith(ADMIN_PREFIX))
+        # The journal's entry (and the recording's line, which a journal of 0 entries
+        # still numbers): every answer but those to the page, the icon, the probes
+        # and the test-support routes.
+        journaled = (self.journal.max_requests or self.recorder is not None) and not (
+            path in UNJOURNALED_PATHS or path.startswith(ADMIN_PREFIX))
         if (journaled or self.log is not None) and (request.event_id is None
                                                      or request.channel_id is None):
             request.op_id, request.event_id, request.channel_id = self._body_ids(request, body)
         if journaled:
             self._record(request, received_at, body, body_bytes, status, code, message,
-                         None if request.method == "HEAD" else payload, request_id, duration_ms)
+                         None if request.method == "HEAD" else payload, request_id, duration_ms,
+                         () if status is None else headers)
         if self.log is not None:
             self._log_line(request, received_at, status, code, message, request_id, duration_ms)
         if status is None:
@@ -2732,14 +2847,20 @@ class EventGateway:
         return op_id, event_id, channel_id
 
     def _record(self, request, received_at, body, body_bytes, status, code, message,
-                payload, request_id, duration_ms):
+                payload, request_id, duration_ms, answer_headers):
         seq = self.journal.record(
             received_at, request.method, request.path, request.query, request.headers, body,
             body_bytes or 0, status, code, message, payload or None, request_id,
             request.op_id, request.event_id, request.channel_id, request.fault, request.note,
-            duration_ms)
+            duration_ms, answer_headers)
         if request.seq is not None:
             request.seq[0] = seq        # a replay of this request names it by this seq
+        if self.recorder is not None:
+            target = request.path + ("?" + request.query if request.query else "")
+            self.recorder.write(exchange_line(
+                seq, received_at, self.line.name, request.method, target, request.headers,
+                body, status, answer_headers, payload, request.fault, request.note,
+                self.channels.password_of, self.token))
 
     def _log_line(self, request, received_at, status, code, message, request_id, duration_ms):
         """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body.
@@ -3021,9 +3142,9 @@ class EventGateway:
     def _route_favicon(self, request):
         return _Raw(204, (), b"")
 
-    def _listing(self, request, names, check_filters, source, view):
+    def _listing(self, request, names, check_filters, source, view, params=None):
         """An admin list (events or requests): its filters checked, its wait waited."""
-        params = _query(request.query, names)
+        params = _query(request.query, names) if params is None else params
         wait_ms, count = _wait_params(params)
         filters = check_filters(**params)
         found = self._wait(source, lambda: source.matching(**filters), count, wait_ms / 1000)
@@ -3077,8 +3198,18 @@ class EventGateway:
         return {"deleted": self.clear_events()}
 
     def _route_admin_requests_get(self, request):
-        return {"requests": self._listing(request, REQUEST_FILTERS, _request_filters,
-                                          self.journal, _request_view)}
+        params = _query(request.query, REQUEST_FILTERS + ("format",))
+        form = params.pop("format", None)
+        if form is None:
+            return {"requests": self._listing(request, REQUEST_FILTERS, _request_filters,
+                                              self.journal, _request_view, params)}
+        if form != "jsonl":
+            raise GatewayError("invalid_filter", "format must be jsonl (a recording), or left "
+                                                 "out (the journal's JSON)")
+        lines = self._listing(request, REQUEST_FILTERS, _request_filters, self.journal,
+                              self._exchange_of, params)
+        return _Raw(200, (("Content-Type", "application/x-ndjson"),),
+                    "".join(_recording_text(line) for line in lines).encode("utf-8"))
 
     def _route_admin_requests_delete(self, request):
         return {"deleted": self.clear_requests()}
@@ -4054,12 +4185,856 @@ def serve_in_thread(gateway=None, host=DEFAULT_HOST, port=0, idle_timeout=IDLE_T
         thread.join()
 
 
+# Comparing with another gateway ################################################
+#
+# A double is only as good as its agreement with the gateway it stands in for,
+# and production moves.  This section records a client's traffic and replays it
+# against another gateway (or this one as the other line), and says of each
+# difference whether the contract states it (STATED_REASONS, beside LINES) or
+# something drifted.  It reads as three parts: the recording format and its
+# placeholders, the judge (a pure function of two answers and the table), and
+# the replay loop of `python event_gateway.py compare RECORDING`.
+#
+# The recording (JSON Lines, UTF-8, oldest first; stable: a later format gets a
+# new number).  Every line carries "recording": 1.  An exchange:
+#   {"recording": 1, "seq", "received_at", "line", "method", "target",
+#    "headers": {RECORDED_REQUEST_HEADERS, lower-case, as received},
+#    "body": the body as text, or null with "body_base64" when it is not UTF-8,
+#            or null alone when the gateway answered before reading it,
+#    "answer": {"status" (null: dropped), "headers": {RECORDED_ANSWER_HEADERS},
+#               "body": as sent, text},
+#    "fault": the fault that struck or null, "note": the journal's note or null}
+# A reset: {"recording": 1, "reset": true, "received_at"}.  Any other
+# test-support request that changes state: {"recording": 1, "admin": {"method",
+# "target", "body"}, "received_at"}, so that a replay rebuilds the state the
+# recorded answers depended on.
+#
+# No secret is written, in any form: a channel password and the gateway token
+# are replaced where they stood by a placeholder that keeps what the answer
+# depended on (PLACEHOLDERS).  In a body, the top-level "password" and every
+# top-level key the event routes do not know (a mistyped "pasword" holds a
+# password too) are replaced when their value is a string; in a body that did
+# not parse, every "key": "string" pair with such a key is.  A placeholder keeps
+# the breakage of what it replaced: a secret with a byte that is not UTF-8 is
+# followed by one such byte, so the replay fails where the original failed.
+
+RECORDING_FORMAT = 1
+RECORDED_REQUEST_HEADERS = ("content-type", "content-length", "accept-language",
+                            "authorization", "origin", "sec-fetch-site", "host", "expect")
+RECORDED_ANSWER_HEADERS = ("content-type", "content-language", "allow", "retry-after",
+                           "www-authenticate", "x-request-id")
+PLACEHOLDERS = MappingProxyType({
+    "<password:registered>": "the channel's registered password",
+    "<password:other:N>": "another value, N its UTF-8 bytes after trimming (a replay sends "
+                          "N ASCII characters)",
+    "<token:valid>": "the gateway token (after 'Bearer ')",
+    "<token:invalid>": "a value that was not the token",
+    "<token:unchecked>": "any Authorization value of a gateway without a token",
+})
+_PLACEHOLDER_TEXT = re.compile(r"<password:registered>|<password:other:(\d{1,4})>")
+# A "key": "string" pair in a body's bytes; the string may run to the end (cut short).
+_KEY_STRING = re.compile(rb'"((?:[^"\\]|\\.){0,256})"[ \t\r\n]*:[ \t\r\n]*"((?:[^"\\]|\\.)*)("|$)',
+                         re.S)
+
+
+def _json_string(raw):
+    """The text of a JSON string's raw bytes (between the quotes), or None when
+    they are not valid UTF-8 or not a valid JSON string."""
+    try:
+        return json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+
+
+def _password_placeholder(raw, registered):
+    """The placeholder bytes for a secret's raw bytes (as they stood in the body)."""
+    text = _json_string(raw)
+    if text is None:    # broken: count what can be read, and keep the breakage
+        readable = raw.decode("utf-8", "replace")
+        size = len(readable.strip().encode("utf-8"))
+        broken = b"\xff" if "\ufffd" in readable and b"\xef\xbf\xbd" not in raw else b""
+        return b"<password:other:%d>" % size + broken
+    trimmed = text.strip()
+    if registered is not None and trimmed == registered:
+        return b"<password:registered>"
+    return b"<password:other:%d>" % len(trimmed.encode("utf-8", "surrogatepass"))
+
+
+def _is_secret_key(raw_key):
+    key = _json_string(raw_key)
+    key = raw_key.decode("utf-8", "replace") if key is None else key
+    return key == "password" or key not in EVENT_FIELDS
+
+
+def _channel_in(body):
+    """The canonical channel_id a body names, read without parsing it, or None."""
+    found = body and re.search(rb'"channel_id"\s*:\s*"([^"\\]{1,64})"', body)
+    return found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
+
+
+def scrubbed_body(body, registered_password):
+    """body (bytes) with every password it carried replaced by its placeholder.
+
+    registered_password(channel_id) is the channel's password or None.  In a body
+    that parses, only top-level string values of "password" and of unknown keys
+    are secrets (a nested one is data); in one that does not, every pair whose
+    key is such a key is replaced."""
+    if not body:
+        return body
+    try:
+        doc = parse_json_body(body, _SHOWN_DECODERS)
+    except GatewayError:
+        doc = None
+    if doc is not None:
+        secrets = {key: value for key, value in doc.items()
+                   if isinstance(value, str) and (key == "password" or key not in EVENT_FIELDS)}
+        if not secrets:
+            return body
+        channel_id = canonical_channel_id(doc.get("channel_id"))
+        registered = None if channel_id is None else registered_password(channel_id)
+    else:
+        secrets = None
+        channel_id = _channel_in(body)
+        registered = registered_password(channel_id) if channel_id else None
+
+    def replace(match):
+        raw_key, raw_value, closing = match.group(1), match.group(2), match.group(3)
+        if secrets is not None:
+            key = _json_string(raw_key)
+            if key not in secrets or _json_string(raw_value) != secrets[key]:
+                return match.group(0)
+        elif not _is_secret_key(raw_key):
+            return match.group(0)
+        start = match.start(2) - match.start(0)
+        return match.group(0)[:start] + _password_placeholder(raw_value, registered) + closing
+    return _KEY_STRING.sub(replace, body)
+
+
+def token_placeholder(value, token):
+    """What a recording shows of an Authorization value: never the value."""
+    if token is None:
+        return "<token:unchecked>"
+    scheme, space, credentials = value.lstrip(OWS).partition(" ")
+    if space and scheme.lower() in AUTH_SCHEMES:
+        valid = (scheme.lower() == "bearer" and credentials and " " not in credentials
+                 and _same_secret(credentials, token))
+        return "%s <token:%s>" % (scheme, "valid" if valid else "invalid")
+    return "<token:invalid>"
+
+
+def exchange_line(seq, received_at, line, method, target, headers, body, status,
+                  answer_headers, payload, fault, note, registered_password, token):
+    """One exchange of a recording, as a dict (the format above), secrets replaced."""
+    shown = {}
+    for name in RECORDED_REQUEST_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            shown[name] = token_placeholder(value, token) if name == "authorization" else value
+    line_doc = {"recording": RECORDING_FORMAT, "seq": seq, "received_at": received_at,
+                "line": line, "method": method, "target": target, "headers": shown}
+    if body is None:
+        line_doc["body"] = None
+    else:
+        body = scrubbed_body(body, registered_password)
+        try:
+            line_doc["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            line_doc["body"] = None
+            line_doc["body_base64"] = base64.b64encode(body).decode("ascii")
+    kept = {}
+    for name, value in answer_headers:
+        lowered = name.lower()
+        if lowered in RECORDED_ANSWER_HEADERS:
+            kept[lowered] = value
+    answer = (payload or b"").decode("utf-8", "replace")
+    # No answer of this gateway echoes a secret; should one ever, it goes too.
+    for secret, placeholder in ((token, "<token:valid>"),
+                                (registered_password(_channel_in(body)), "<password:registered>")):
+        if secret and secret in answer:
+            answer = answer.replace(secret, placeholder)
+    line_doc["answer"] = {"status": status, "headers": kept, "body": answer}
+    line_doc["fault"] = None if fault is None else fault._asdict()
+    line_doc["note"] = _note_text(note)
+    return line_doc
+
+
+def _recording_text(line_doc):
+    # Strict JSON, one line; a value a double cannot hold never gets this far.
+    return json.dumps(line_doc, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+class Recorder:
+    """Appends recording lines to a text stream as they happen, one write and one
+    flush a line (a crash loses at most the line being written); unbounded by
+    --max-requests, as a file is the user's to keep."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, line_doc):
+        text = _recording_text(line_doc)
+        with self.lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def admin(self, method, target, body, received_at):
+        self.write({"recording": RECORDING_FORMAT, "admin": {
+            "method": method, "target": target, "body": body}, "received_at": received_at})
+
+    def reset(self, received_at):
+        self.write({"recording": RECORDING_FORMAT, "reset": True, "received_at": received_at})
+
+
+# -- The judge ------------------------------------------------------------------
+#
+# Two answers agree when their statuses and error codes are equal, their bodies
+# have the same shape (the same keys at every level, the same JSON types, equal
+# values, but generated values compared by format and texts for people by
+# presence), and the headers a client reads agree.  A disagreement has a kind,
+# then a verdict: "stated" with the first reason of STATED_REASONS that explains
+# it, or "unstated": drift in the target, or a defect here.
+
+KINDS = ("target_accepts", "target_refuses", "status", "code", "shape", "no_answer")
+GENERATED_KEYS = frozenset({"op_id", "event_id", "entity_id", "request_id"})
+PEOPLE_TEXTS = frozenset({"/error", "/problem/detail", "/problem/title",
+                          "/problem/localized_message"})
+# The headers a client reads, and when: (name, the statuses it matters on, or None: all).
+CLIENT_HEADERS = (("content-type", None), ("content-language", None), ("allow", {405}),
+                  ("www-authenticate", {401}), ("retry-after", None))
+_FORMATS = (("hex32", re.compile(r"[0-9a-f]{32}")),
+            ("time-hex", re.compile(r"[0-9a-f]{13}-[0-9a-f]{32}")),
+            ("id", _ID_CHARS))
+
+
+def _format_of(value):
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return next((name for name, pattern in _FORMATS if pattern.fullmatch(value)), "text")
+    return type(value).__name__
+
+
+def _json_type(value):
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), "null")
+
+
+def _shape_differences(recorded, answered, where=""):
+    """The places (JSON pointers) where two parsed bodies differ, by the rules above."""
+    if where in PEOPLE_TEXTS:
+        return []           # present on both sides: that is all a client may rely on
+    name = where.rsplit("/", 1)[-1]
+    if _json_type(recorded) != _json_type(answered):
+        return [where or "/"]
+    if isinstance(recorded, dict):
+        places = []
+        for key in list(recorded) + [key for key in answered if key not in recorded]:
+            if key not in recorded or key not in answered:
+                places.append("%s/%s" % (where, key))
+            else:
+                places += _shape_differences(recorded[key], answered[key],
+                                             "%s/%s" % (where, key))
+        return places
+    if isinstance(recorded, list):
+        if len(recorded) != len(answered):
+            return [where]
+        places = []
+        for index, (left, right) in enumerate(zip(recorded, answered)):
+            places += _shape_differences(left, right, "%s/%d" % (where, index))
+        return places
+    if name in GENERATED_KEYS or name.endswith("_at"):
+        return [] if _format_of(recorded) == _format_of(answered) else [where]
+    return [] if recorded == answered else [where]
+
+
+def _parsed(text):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _code_of(status, body):
+    doc = _parsed(body) if status is not None and status >= 400 and body else None
+    return doc.get("error_code") if isinstance(doc, dict) else None
+
+
+def disagreement(recorded, answered):
+    """(kind or None, places) of two answers, each {"status", "headers", "body"}
+    (answered None: no answer).  places name where a shape differs."""
+    if answered is None:
+        return (None if recorded["status"] is None else "no_answer"), []
+    status, other = recorded["status"], answered["status"]
+    accepted = status is not None and status < 300
+    target_accepted = other is not None and other < 300
+    if accepted != target_accepted:
+        return ("target_refuses" if accepted else "target_accepts"), []
+    if status != other:
+        return "status", []
+    if _code_of(status, recorded["body"]) != _code_of(other, answered["body"]):
+        return "code", []
+    places = []
+    left, right = _parsed(recorded["body"]), _parsed(answered["body"])
+    if (left is None) != (right is None) or (left is None and recorded["body"] != answered["body"]):
+        places.append("/")
+    elif left is not None:
+        places += _shape_differences(left, right)
+    for name, statuses in CLIENT_HEADERS:
+        if statuses is None or status in statuses:
+            mine, theirs = recorded["headers"].get(name), answered["headers"].get(name)
+            if name == "content-type":
+                mine, theirs = (value and value.split(";")[0].strip().lower()
+                                for value in (mine, theirs))
+            if mine != theirs:
+                places.append("/headers/" + name)
+    return ("shape" if places else None), places
+
+
+def stated_reasons(kind, places, exchange, target_line, answered):
+    """The names of the reasons that state this disagreement ("V3, V4"), or None.
+
+    A disagreement of status or code takes the first reason that explains it; one
+    of shape is stated only when each place where it differs has a reason."""
+    if kind != "shape":
+        reason = _stated_reason(kind, places, exchange, target_line, answered)
+        return None if reason is None else reason.name
+    names = []
+    for place in places:
+        reason = _stated_reason(kind, [place], exchange, target_line, answered)
+        if reason is None:
+            return None
+        if reason.name not in names:
+            names.append(reason.name)
+    return ", ".join(names)
+
+
+def _stated_reason(kind, places, exchange, target_line, answered):
+    """The first reason of STATED_REASONS that explains this disagreement, or None."""
+    recorded_code = _code_of(exchange["answer"]["status"], exchange["answer"]["body"])
+    target_code = None if answered is None else _code_of(answered["status"], answered["body"])
+    path = exchange["target"].split("?", 1)[0]
+    for reason in STATED_REASONS:
+        if kind not in reason.kinds:
+            continue
+        if reason.across_lines and exchange["line"] == target_line:
+            continue
+        if reason.target_line is not None and reason.target_line != target_line:
+            continue
+        if reason.fault and exchange.get("fault") is None and exchange["answer"]["status"] is not None:
+            continue
+        if reason.codes is not None:
+            sides = {"recorded": (recorded_code,), "target": (target_code,),
+                     "either": (recorded_code, target_code)}[reason.side]
+            if not reason.codes.intersection(sides):
+                continue
+        if reason.path is not None and not re.search(reason.path, path):
+            continue
+        if reason.places is not None and not all(re.search(reason.places, place)
+                                                 for place in places):
+            continue
+        return reason
+    return None
+
+
+# -- The replay -------------------------------------------------------------------
+
+class RecordingError(Exception):
+    """A recording that cannot be read: the line number and why."""
+
+
+_SKIPPED_CODES = frozenset({"bad_request", "uri_too_long", "header_fields_too_large",
+                            "http_version_not_supported"})
+
+
+def _checked_line(number, text):
+    """One recording line, parsed and checked, or RecordingError naming it."""
+    if not text.endswith("\n"):
+        raise RecordingError("line %d is cut short (no newline at its end)" % number)
+    try:
+        doc = json.loads(text)
+    except ValueError as error:
+        raise RecordingError("line %d is not JSON: %s" % (number, error)) from None
+    if not isinstance(doc, dict) or "recording" not in doc:
+        raise RecordingError("line %d is not a recording line (no \"recording\" key)" % number)
+    if doc["recording"] != RECORDING_FORMAT:
+        raise RecordingError("line %d is of recording format %r; this module reads format %d"
+                             % (number, doc["recording"], RECORDING_FORMAT))
+    if doc.get("reset") is True:
+        return doc
+    if "admin" in doc:
+        admin = doc["admin"]
+        if not (isinstance(admin, dict) and isinstance(admin.get("method"), str)
+                and isinstance(admin.get("target"), str)):
+            raise RecordingError("line %d: admin needs a method and a target" % number)
+        return doc
+    answer = doc.get("answer")
+    if not (isinstance(doc.get("method"), str) and isinstance(doc.get("target"), str)
+            and isinstance(doc.get("headers"), dict) and isinstance(answer, dict)
+            and isinstance(answer.get("headers"), dict) and isinstance(answer.get("body"), str)
+            and (answer.get("status") is None or isinstance(answer.get("status"), int))
+            and doc.get("line") in LINES
+            and (doc.get("body") is None or isinstance(doc.get("body"), str))
+            and (doc.get("body_base64") is None or isinstance(doc.get("body_base64"), str))):
+        raise RecordingError("line %d is not an exchange: it needs method, target, headers, "
+                             "line (1.2 or 1.3) and answer {status, headers, body}" % number)
+    if doc.get("body_base64") is not None:
+        try:
+            base64.b64decode(doc["body_base64"], validate=True)
+        except ValueError:
+            raise RecordingError("line %d: body_base64 is not base64" % number) from None
+    return doc
+
+
+def read_recording(path):
+    """Check a whole recording before anything is sent; returns what the replay
+    needs to know first: exchanges, channel ids, token placeholders seen."""
+    seen = {"exchanges": 0, "channels": set(), "token": False, "lines": 0}
+    registered_by_admin = set()       # channels an admin line registered since the last reset
+    try:
+        stream = open(path, encoding="utf-8", newline="")
+    except OSError as error:
+        raise RecordingError("cannot open %s: %s" % (path, error.strerror or error)) from None
+    with stream:
+        try:
+            for number, text in enumerate(stream, 1):
+                doc = _checked_line(number, text)
+                seen["lines"] = number
+                if doc.get("reset") is True:
+                    registered_by_admin.clear()
+                elif "admin" in doc:
+                    body = doc["admin"].get("body")
+                    if isinstance(body, dict) and canonical_channel_id(body.get("channel_id")):
+                        registered_by_admin.add(canonical_channel_id(body["channel_id"]))
+                else:
+                    # A channel the recording's gateway had from its start: one whose
+                    # password matched, or did not match (so it was known), before
+                    # any admin line registered it.
+                    body = doc.get("body") or ""
+                    found = re.search(r'"channel_id"\s*:\s*"([^"\\]{1,64})"', body)
+                    channel_id = found and canonical_channel_id(found.group(1))
+                    if channel_id and channel_id not in registered_by_admin and (
+                            "<password:registered>" in body or _code_of(
+                                doc["answer"]["status"], doc["answer"]["body"])
+                            == "password_mismatch"):
+                        seen["channels"].add(channel_id)
+                if "answer" in doc:
+                    seen["exchanges"] += 1
+                    authorization = doc["headers"].get("authorization", "")
+                    seen["token"] = seen["token"] or "<token:valid>" in authorization or (
+                        "<token:invalid>" in authorization)
+        except UnicodeDecodeError as error:
+            raise RecordingError("the recording is not UTF-8 (%s)" % error) from None
+    if seen["lines"] == 0:
+        raise RecordingError("the recording is empty")
+    return seen
+
+
+def _recording_lines(path):
+    with open(path, encoding="utf-8", newline="") as stream:
+        for number, text in enumerate(stream, 1):
+            yield number, json.loads(text)
+
+
+class _InProcessTarget:
+    """A gateway of a line in this process: handle() directly, no socket."""
+
+    is_gateway = True
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self.line = gateway.line.name
+
+    def send(self, method, target, headers, body, retry=True):
+        status, answer_headers, payload = self.gateway.handle(method, target, headers, body)
+        if status is None:
+            return None
+        return {"status": status, "headers": {name.lower(): value
+                                              for name, value in answer_headers},
+                "body": payload.decode("utf-8", "replace")}
+
+    def close(self):
+        pass
+
+
+class _HttpTarget:
+    """Another gateway at a URL, over one keep-alive connection (a new one after a close)."""
+
+    def __init__(self, url, timeout):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RecordingError("--url must be http://HOST[:PORT] or https://...")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.connection = None
+        self.is_gateway = False
+        self.line = None
+
+    def _connect(self):
+        factory = (http.client.HTTPSConnection if self.scheme == "https"
+                   else http.client.HTTPConnection)
+        return factory(self.host, self.port, timeout=self.timeout)
+
+    def send(self, method, target, headers, body, retry=True):
+        for _ in (1, 2):
+            reused = self.connection is not None
+            if not reused:
+                self.connection = self._connect()
+            try:
+                # Only the recorded headers, Host the target's own and Content-Length
+                # that of the body sent: no body, no Content-Length, as recorded.
+                self.connection.putrequest(method, self.prefix + target,
+                                           skip_accept_encoding=True)
+                for name, value in headers.items():
+                    self.connection.putheader(name, value)
+                if body is not None:
+                    self.connection.putheader("Content-Length", str(len(body)))
+                self.connection.endheaders(body)
+                response = self.connection.getresponse()
+                payload = response.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if reused and retry:
+                    continue    # a kept connection the server closed meanwhile: once more
+                return None
+            if response.will_close:
+                self.close()
+            return {"status": response.status,
+                    "headers": {name.lower(): value for name, value in response.getheaders()},
+                    "body": payload.decode("utf-8", "replace")}
+        return None
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _other_secret(size, registered):
+    value = "x" * size
+    return value if value != registered else "y" * size
+
+
+class Replay:
+    """What the replay keeps while it runs: the secrets the placeholders become,
+    the ids the target gave in place of the recording's, and the stretch number
+    that keeps a suite's reused op_ids apart on a target that cannot be reset."""
+
+    def __init__(self, target, passwords, token):
+        self.target = target
+        self.passwords = passwords          # channel_id -> password for the target
+        self.token = token
+        self.ids = {}                       # recorded generated id -> the target's id
+        self.unmapped = {}                  # recorded generated id -> seq of its exchange
+        self.stretch = 1
+
+    def _password_text(self, match, channel_id):
+        registered = self.passwords.get(channel_id)
+        if match.group(1) is None:
+            value = registered if registered is not None else "x" * 8
+        else:
+            value = _other_secret(int(match.group(1)), registered)
+        return json.dumps(value)[1:-1]
+
+    def body_bytes(self, text, base64_text, content_length):
+        """The request body to send: placeholders and ids replaced."""
+        if text is None and base64_text is None:
+            if content_length and content_length.strip().isdigit():
+                return b"x" * min(int(content_length), MAX_BODY_BYTES + 1)
+            return None
+        data = base64.b64decode(base64_text) if text is None else text.encode("utf-8")
+        found = re.search(rb'"channel_id"\s*:\s*"([^"\\]{1,64})"', data)
+        channel_id = found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
+        data = re.sub(rb"<password:registered>|<password:other:(\d{1,4})>",
+                      lambda match: self._password_text(
+                          _PLACEHOLDER_TEXT.match(match.group(0).decode()), channel_id).encode(),
+                      data)
+        return self._with_ids(data)
+
+    def _with_ids(self, data):
+        # The recording's generated ids, and client op_ids of later stretches.
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            return data
+        if not isinstance(doc, dict):
+            return data
+        for key in ("event_id", "op_id"):
+            value = doc.get(key)
+            if isinstance(value, str) and value:
+                new = self.ids.get(value)
+                if new is None and key == "op_id" and self.stretch > 1 and not (
+                        self.target.is_gateway):
+                    new = self.stretched(value)
+                if new is not None:
+                    data = data.replace(json.dumps(value).encode(), json.dumps(new).encode())
+        return data
+
+    def stretched(self, op_id):
+        suffix = ":r%d" % self.stretch
+        text = op_id.strip() + suffix
+        return text[-OP_ID_MAX_CHARS:]
+
+    def target_path(self, target):
+        # An id in the path (/send_status/{op_id}, /__admin/events/{id}).
+        path, sep, query = target.partition("?")
+        head, _, last = path.rpartition("/")
+        new = self.ids.get(urllib.parse.unquote(last))
+        if new is not None:
+            path = head + "/" + urllib.parse.quote(new)
+        return path + sep + query
+
+    def follows_from(self, exchange):
+        """The seq of the exchange whose id this request names but the target never gave."""
+        names = [exchange["target"].split("?", 1)[0].rsplit("/", 1)[-1]]
+        doc = _parsed(exchange.get("body") or "")
+        if isinstance(doc, dict):
+            names += [doc.get("event_id"), doc.get("op_id")]
+        for name in names:
+            if isinstance(name, str) and name in self.unmapped:
+                return self.unmapped[name]
+        return None
+
+    def headers(self, recorded):
+        """The request headers to send: placeholders replaced, Host the target's own."""
+        headers = {}
+        for name, value in recorded.items():
+            if name in ("host", "content-length", "expect"):
+                continue        # the target's own Host; the length of what is sent
+            if name == "authorization":
+                if "<token:valid>" in value:
+                    if self.token is None:
+                        continue    # no token was given for the target: left out
+                    value = value.replace("<token:valid>", self.token)
+                value = value.replace("<token:invalid>", "not-the-token").replace(
+                    "<token:unchecked>", "unchecked-dummy")
+            headers[name] = value
+        return headers
+
+    def learn(self, exchange, answered, seq):
+        """Ids the recording's gateway generated, mapped to the target's."""
+        recorded = _parsed(exchange["answer"]["body"])
+        if not (isinstance(recorded, dict) and isinstance(recorded.get("data"), dict)):
+            return
+        theirs = _parsed(answered["body"]) if answered is not None else None
+        theirs = theirs.get("data") if isinstance(theirs, dict) else None
+        body = _parsed(exchange.get("body") or "")
+        sent_op_id = body.get("op_id") if isinstance(body, dict) else None
+        for key in ("event_id", "op_id"):
+            value = recorded["data"].get(key)
+            if not isinstance(value, str) or (key == "op_id" and isinstance(sent_op_id, str)
+                                              and sent_op_id.strip()):
+                continue
+            if key == "event_id" and not exchange["target"].split("?")[0].endswith("/create"):
+                continue
+            if isinstance(theirs, dict) and isinstance(theirs.get(key), str):
+                self.ids[value] = theirs[key]
+                self.unmapped.pop(value, None)
+            else:
+                self.unmapped[value] = seq
+
+
+def _wait_for_next_minute(now=time.time, sleep=time.sleep):
+    sleep(60 - now() % 60 + 0.05)
+
+
+def replay(path, target, passwords, token, pace=None, progress=None, sleep=time.sleep):
+    """Replay a checked recording against target; yields one verdict dict per exchange:
+    {"seq", "line", "method", "target", "route", "recorded", "answered", "kind",
+    "verdict", "reason", "follows_from"} (kind None and verdict "agree" when they agree;
+    verdict "skipped" for an exchange whose bytes were not kept)."""
+    state = Replay(target, passwords, token)
+    verdicts = {}           # seq -> (verdict, reason), for refusals that follow from one
+    interval = 60.0 / pace if pace else 0
+    for number, doc in _recording_lines(path):
+        if doc.get("reset") is True:
+            if target.is_gateway:
+                target.send("POST", "/__admin/reset", {}, None)
+            state.stretch += 1
+            continue
+        if "admin" in doc:
+            if target.is_gateway:
+                admin = doc["admin"]
+                body = admin.get("body")
+                data = None if body is None else state.body_bytes(
+                    json.dumps(body, ensure_ascii=False), None, None)
+                target.send(admin["method"], state.target_path(admin["target"]),
+                            {"content-type": "application/json"} if data is not None else {},
+                            data)
+            continue
+        yield _judged(state, target, doc, verdicts, sleep)
+        if progress is not None:
+            progress(number)
+        if interval:
+            sleep(interval)
+
+
+def _judged(state, target, exchange, verdicts, sleep):
+    seq = exchange.get("seq")
+    recorded = exchange["answer"]
+    route = exchange["target"].split("?", 1)[0]
+    result = {"seq": seq, "line": exchange["line"], "method": exchange["method"],
+              "target": exchange["target"], "route": route,
+              "recorded": [recorded["status"], _code_of(recorded["status"], recorded["body"])],
+              "answered": None, "kind": None, "verdict": "agree", "reason": None,
+              "follows_from": None}
+    if (not exchange["method"] or not route
+            or result["recorded"][1] in _SKIPPED_CODES or recorded["status"] in (414, 431, 505)):
+        result["verdict"] = "skipped"
+        return result
+    headers = state.headers(exchange["headers"])
+    body = state.body_bytes(exchange.get("body"), exchange.get("body_base64"),
+                            exchange["headers"].get("content-length"))
+    answered = None
+    for _ in range(4):
+        answered = target.send(exchange["method"], state.target_path(exchange["target"]),
+                               headers, body, retry=recorded["status"] is not None)
+        if not (answered is not None and answered["status"] == 429
+                and _code_of(429, answered["body"]) == "rate_limited"
+                and recorded["status"] != 429):
+            break
+        _wait_for_next_minute(sleep=sleep)      # the target's rate limit: not a disagreement
+    else:
+        answered = None
+    state.learn(exchange, answered, seq)
+    if answered is not None and target.line is None:
+        target.line = _line_of_success(answered)
+    if answered is not None:
+        result["answered"] = [answered["status"], _code_of(answered["status"], answered["body"])]
+    kind, places = disagreement(recorded, answered)
+    if kind is None:
+        return result
+    result["kind"] = kind
+    follows = state.follows_from(exchange)
+    if follows is not None and follows in verdicts:
+        result["follows_from"] = follows
+        result["verdict"], result["reason"] = verdicts[follows]
+    else:
+        reason = stated_reasons(kind, places, exchange, target.line or DEFAULT_LINE, answered)
+        result["verdict"] = "unstated" if reason is None else "stated"
+        result["reason"] = reason
+        if reason is None:
+            result["places"] = places
+    if seq is not None:
+        verdicts[seq] = (result["verdict"], result["reason"])
+        if len(verdicts) > 100000:          # bounded: the oldest verdicts go first
+            verdicts.pop(next(iter(verdicts)))
+    return result
+
+
+def _line_of_success(answered):
+    """A target's line from a success's data (V3): line 1.2 says "accepted"."""
+    doc = _parsed(answered["body"]) if answered["status"] == 200 else None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if isinstance(data, dict) and "event_id" in data:
+        return "1.2" if "accepted" in data else "1.3"
+    return None
+
+
+def _target_line(target, given):
+    """--target-line, else what GET /__admin/info says, else None (learned later)."""
+    if given is not None:
+        return given
+    if isinstance(target, _InProcessTarget):
+        return target.line
+    answered = target.send("GET", "/__admin/info", {}, None)
+    info = _parsed(answered["body"]) if answered is not None and answered["status"] == 200 else None
+    data = info.get("data") if isinstance(info, dict) else None
+    if isinstance(data, dict) and data.get("gateway_version") in LINES:
+        target.is_gateway = True
+        return data["gateway_version"]
+    return None
+
+
+def _summary_table(groups, out):
+    rows = [("route", "kind", "verdict", "reason", "recorded -> target", "count", "first seq")]
+    for (route, kind, verdict, reason, change), (count, first) in sorted(
+            groups.items(), key=lambda item: (item[0][2] != "unstated", item[1][1] or 0)):
+        rows.append((route, kind or "-", verdict, reason or "-", change, str(count),
+                     "-" if first is None else str(first)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+
+
+def _answer_text(pair):
+    if pair is None:
+        return "no answer"
+    status, code = pair
+    return "dropped" if status is None else ("%s %s" % (status, code) if code else str(status))
+
+
+def run_compare(path, target, target_line=None, passwords=None, token=None, fail_on=KINDS,
+                json_path=None, pace=None, out=sys.stdout, err=sys.stderr, sleep=time.sleep):
+    """Replay and judge a recording; prints the table and the summary line; returns the
+    exit status (0, 1, 3; a recording that cannot be read raises RecordingError)."""
+    seen = read_recording(path)
+    target.line = _target_line(target, target_line)
+    counts = collections.Counter()
+    groups = {}
+    answered_any = False
+    report = None
+    if json_path is not None:
+        report = open(json_path, "w", encoding="utf-8")
+        report.write('{"exchanges": [\n')
+    progress = None
+    if seen["exchanges"] > 1000 and getattr(err, "isatty", lambda: False)():
+        def progress(number):
+            if number % 1000 == 0:
+                err.write("\rcompare: line %d of %d" % (number, seen["lines"]))
+                err.flush()
+    first = True
+    try:
+        for result in replay(path, target, passwords or {}, token, pace, progress, sleep):
+            counts["exchanges"] += 1
+            verdict = result["verdict"]
+            counts[verdict] += 1
+            if result["answered"] is not None:
+                answered_any = True
+            if verdict != "agree":
+                change = "%s -> %s" % (_answer_text(result["recorded"]),
+                                       _answer_text(result["answered"]))
+                key = (result["route"], result["kind"], verdict, result["reason"], change)
+                count, first_seq = groups.get(key, (0, result["seq"]))
+                groups[key] = (count + 1, first_seq)
+                if verdict == "unstated" and result["kind"] in fail_on:
+                    counts["failing"] += 1
+            if report is not None:
+                report.write(("" if first else ",\n") + json.dumps(result))
+                first = False
+    finally:
+        if progress is not None:
+            err.write("\n")
+        if report is not None:
+            summary = {key: counts[key] for key in ("exchanges", "agree", "stated", "unstated",
+                                                    "skipped")}
+            report.write('\n], "summary": %s}\n' % json.dumps(summary))
+            report.close()
+        target.close()
+    if groups:
+        _summary_table(groups, out)
+    out.write("compare: %d exchanges, %d agree, %d stated, %d unstated, %d skipped\n" % (
+        counts["exchanges"], counts["agree"], counts["stated"], counts["unstated"],
+        counts["skipped"]))
+    if counts["exchanges"] > counts["skipped"] and not answered_any:
+        return 3
+    return 1 if counts["failing"] else 0
+
+
 # Command line ##################################################################
 
 _EXAMPLES = """examples:
   python event_gateway.py
   python event_gateway.py --port 0 --quiet
   python event_gateway.py --token s3cret --channel 06J0FZG1Y8XGG14VTQ4Y3G10MR:pass-1234
+  python event_gateway.py --record traffic.jsonl
+  python event_gateway.py compare traffic.jsonl --gateway-version 1.2
 
 then open the printed URL in a browser to watch requests and events arrive, and
 send the public page's curl example to it (with http://127.0.0.1:6666 as its host).
@@ -4165,9 +5140,106 @@ def build_parser():
     parser.add_argument("--openapi", action="store_true",
                         help="print the OpenAPI 3.1 description of the line (--gateway-version) "
                              "and exit: the document GET /__admin/openapi.json answers")
+    parser.add_argument("--record", metavar="FILE", default=None,
+                        help="append every exchange, reset and test-support change to FILE as "
+                             "a recording (JSON Lines, no secrets), for "
+                             "'python event_gateway.py compare FILE'")
     parser.add_argument("--quiet", action="store_true",
                         help="no request log lines (and no start-up line unless --port 0)")
     return parser
+
+
+_COMPARE_EXAMPLES = """examples:
+  python event_gateway.py compare traffic.jsonl --gateway-version 1.2
+  python event_gateway.py compare traffic.jsonl --url https://staging.example \\
+      --channel 06J0FZG1Y8XGG14VTQ4Y3G10MR:pass-1234 --token "$PUSHGO_TOKEN"
+
+exit status: 0 no unstated disagreement, 1 some, 2 a usage error or a recording
+it cannot read, 3 the target never answered.
+"""
+
+
+def _kinds(text):
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError("must be a comma list of %s" % ", ".join(KINDS))
+    return frozenset(kinds)
+
+
+def _positive_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be above 0 and at most 3600")
+    return value
+
+
+def build_compare_parser():
+    parser = _Parser(
+        prog="event_gateway.py compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a recording (--record, or GET /__admin/requests?format=jsonl) "
+                    "against a target and judge every pair of answers: agree, stated (a "
+                    "difference the contract states, with its reason) or unstated (drift in "
+                    "the target, or a defect here).",
+        epilog=_COMPARE_EXAMPLES)
+    parser.add_argument("recording", metavar="RECORDING", help="the recording file")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a gateway to replay against (another event_gateway, a "
+                                     "staging or production PushGo gateway)")
+    where.add_argument("--gateway-version", choices=tuple(LINES),
+                       help="replay against a gateway of this line in this process (no socket)")
+    parser.add_argument("--target-line", choices=tuple(LINES), default=None,
+                        help="the target's production line (default: what its "
+                             "/__admin/info says, else its first success's data, else 1.3)")
+    parser.add_argument("--channel", action="append", metavar="ID:PASSWORD", default=[],
+                        help="the password <password:registered> becomes for that channel")
+    parser.add_argument("--token", default=None,
+                        help="what <token:valid> becomes (default: env PUSHGO_TOKEN)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="write every exchange's verdict and the summary to FILE")
+    parser.add_argument("--fail-on", type=_kinds, default=frozenset(KINDS), metavar="KINDS",
+                        help="the kinds whose unstated disagreements fail the run (a comma "
+                             "list of %s; default: all)" % ", ".join(KINDS))
+    parser.add_argument("--pace", type=_at_least(1), default=None, metavar="N",
+                        help="send at most N requests a minute")
+    parser.add_argument("--timeout", type=_positive_number, default=10.0, metavar="S",
+                        help="seconds to wait for each answer (default 10)")
+    return parser
+
+
+def compare_main(argv):
+    """python event_gateway.py compare RECORDING ...; returns the exit status."""
+    parser = build_compare_parser()
+    args = parser.parse_args(argv)
+    passwords = _parse_channels(parser, args.channel) or {}
+    token = args.token if args.token is not None else os.environ.get("PUSHGO_TOKEN") or None
+    out = _Unstoppable(sys.stdout)
+    try:
+        seen = read_recording(args.recording)
+        if args.url is not None:
+            target = _HttpTarget(args.url, args.timeout)
+        else:
+            # In process: the channels the recording's gateway started with, each with
+            # the given password or a generated one; a token only when the recording
+            # shows that its gateway had one.
+            for channel_id in seen["channels"]:
+                passwords.setdefault(channel_id, "replay-" + _new_hex_id())
+            if seen["token"] and token is None:
+                token = "replay-" + _new_hex_id()
+            target = _InProcessTarget(EventGateway(
+                token=token if seen["token"] else None,
+                channels=dict(passwords) or {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD},
+                gateway_version=args.gateway_version, max_requests=0))
+        return run_compare(args.recording, target, args.target_line, passwords, token,
+                           args.fail_on, args.json, args.pace, out, sys.stderr)
+    except RecordingError as error:
+        parser.error(str(error))
+    except OSError as error:
+        parser.error("cannot write --json %s: %s" % (args.json, error.strerror or error))
+    return 2
 
 
 def _parse_channels(parser, specs):
@@ -4281,7 +5353,11 @@ def _calm_garbage_collector():
 
 
 def main(argv=None):
-    """Run the gateway until Ctrl-C or SIGTERM; returns the exit status."""
+    """Run the gateway until Ctrl-C or SIGTERM; returns the exit status.
+    python event_gateway.py compare ... replays a recording instead (compare_main)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.openapi:
@@ -4300,11 +5376,27 @@ def main(argv=None):
         parser.error("--rate-limit goes with --gateway-version 1.3 and no token: production "
                      "limits only requests without a gateway token")
     stdout, stderr = _Unstoppable(sys.stdout), _Unstoppable(sys.stderr)
+    record = None
+    if args.record is not None:
+        try:
+            record = open(args.record, "a", encoding="utf-8")
+        except OSError as error:
+            parser.error("cannot open --record %s: %s"
+                         % (_printable(args.record[:200]), error.strerror or error))
+    try:
+        return _serve_until_stopped(parser, args, token, channels, stdout, stderr, record)
+    finally:
+        if record is not None:
+            record.close()
+
+
+def _serve_until_stopped(parser, args, token, channels, stdout, stderr, record):
     gateway = EventGateway(token=token, channels=channels, max_events=args.max_events,
                            max_history=args.max_history, max_requests=args.max_requests,
                            seed=args.seed, log=None if args.quiet else stderr,
                            gateway_version=args.gateway_version, rate_limit=args.rate_limit,
-                           allow_hosts=args.allow_host, max_store_mb=args.max_store_mb)
+                           allow_hosts=args.allow_host, max_store_mb=args.max_store_mb,
+                           record=record)
     if args.ready_file is not None:
         try:
             _remove_stale_ready_file(args.ready_file)
