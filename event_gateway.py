@@ -4514,9 +4514,20 @@ def stated_reasons(kind, places, exchange, target_line, answered):
     return ", ".join(names)
 
 
+def _has_code(answer, code, codes):
+    """Whether an answer carries one of codes; a bodiless answer (HEAD, a 405) by
+    its status, since it has no error_code to show."""
+    if answer is None or answer["status"] is None:
+        return False
+    if code is None and not answer["body"]:
+        return any(ERRORS.get(known) == answer["status"] for known in codes)
+    return code in codes
+
+
 def _stated_reason(kind, places, exchange, target_line, answered):
     """The first reason of STATED_REASONS that explains this disagreement, or None."""
-    recorded_code = _code_of(exchange["answer"]["status"], exchange["answer"]["body"])
+    recorded = exchange["answer"]
+    recorded_code = _code_of(recorded["status"], recorded["body"])
     target_code = None if answered is None else _code_of(answered["status"], answered["body"])
     path = exchange["target"].split("?", 1)[0]
     for reason in STATED_REASONS:
@@ -4528,11 +4539,11 @@ def _stated_reason(kind, places, exchange, target_line, answered):
             continue
         if reason.fault and exchange.get("fault") is None and exchange["answer"]["status"] is not None:
             continue
-        if reason.codes is not None:
-            sides = {"recorded": (recorded_code,), "target": (target_code,),
-                     "either": (recorded_code, target_code)}[reason.side]
-            if not reason.codes.intersection(sides):
-                continue
+        if reason.codes is not None and not any(
+                _has_code(answer, code, reason.codes) for answer, code in
+                {"recorded": ((recorded, recorded_code),), "target": ((answered, target_code),),
+                 "either": ((recorded, recorded_code), (answered, target_code))}[reason.side]):
+            continue
         if reason.path is not None and not re.search(reason.path, path):
             continue
         if reason.places is not None and not all(re.search(reason.places, place)
@@ -4997,7 +5008,7 @@ def run_compare(path, target, target_line=None, passwords=None, token=None, fail
             counts[verdict] += 1
             if result["answered"] is not None:
                 answered_any = True
-            if verdict != "agree":
+            if verdict in ("stated", "unstated"):
                 change = "%s -> %s" % (_answer_text(result["recorded"]),
                                        _answer_text(result["answered"]))
                 key = (result["route"], result["kind"], verdict, result["reason"], change)

@@ -17,8 +17,11 @@ Before each test the server's events are dropped with DELETE /__admin/events
 where it offers that route (op_ids repeat across tests).
 """
 
-import http.client
+import base64
+import contextlib
 import errno
+import http.client
+import http.server
 import io
 import json
 import math
@@ -4217,6 +4220,439 @@ def test_cli_allow_host():
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+# 12. Comparing with another gateway ###############################################
+
+# The channels the recording gateways start with, so that a reset keeps them.
+START_CHANNELS = {CHANNEL: PASSWORD, CHANNEL_8: "p" * 8, CHANNEL_128: "p" * 128,
+                  OTHER_CHANNEL: "other-pass"}
+# Every secret the suite's recordings could carry.
+SECRETS = [PASSWORD, "p" * 8, "p" * 128, "other-pass", "wrong-pass-1", "s3cret-token",
+           "s3cret-tokeN", "s3cret-toke"]
+
+
+def case_value(case):
+    """A pytest.param's values, or the tuple itself."""
+    return case.values if hasattr(case, "values") else case
+
+
+def send_the_case_tables(gw):
+    """The suite's own tables of cases, each after a reset, through gw."""
+    for send, _, _ in map(case_value, LINE_ROWS):
+        gw.reset()
+        send(gw)
+    for route, changes, _, _ in map(case_value, BODY_ORDER_CASES):
+        gw.reset()
+        post(gw, route, body_for(gw, route, changes))
+    for route, changes, _ in map(case_value, FIELD_CASES):
+        gw.reset()
+        post(gw, route, body_for(gw, route, changes))
+    for changes, _, _ in map(case_value, NORMALISE_CASES):
+        gw.reset()
+        create(gw, **changes)
+    for body, _ in map(case_value, STRICT_JSON_CASES):
+        gw.handle("POST", eg.CREATE, JSON_HEADERS, body)
+    gw.reset()
+    event_id = create(gw, op_id="op-send")
+    for language in ("zh-CN", "zh-TW", "zh_hk, en", "fr"):
+        post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id, password="wrong-pass-1"),
+             dict(JSON_HEADERS, **{"Accept-Language": language}))
+    call(gw, "GET", "/send_status/op-send")
+    post(gw, "/__admin/send_status/op-send", {"status": "delivered"})
+    call(gw, "GET", "/send_status/op-send")
+    gw.add_fault(eg.UPDATE, 503, retry_after_s=3)
+    post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id))
+    gw.add_fault(eg.CLOSE, kind="drop", when="after")
+    gw.handle("POST", eg.CLOSE, JSON_HEADERS, json.dumps(valid_body(
+        eg.CLOSE, event_id=event_id)).encode())                         # applied, answer lost
+    post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))       # closed by the lost one
+    gw.handle("PUT", eg.CREATE, JSON_HEADERS, b"{}")
+    gw.handle("HEAD", "/send_status/op-send", {}, None)
+    gw.register_channel(crockford(77), "added-pass-1")
+    post(gw, eg.CREATE, valid_body(eg.CREATE, channel_id=crockford(77), password="added-pass-1"))
+
+
+def record_the_case_tables(path, line, **options):
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(clock=Clock(), gateway_version=line, channels=START_CHANNELS,
+                             record=stream, **options)
+        send_the_case_tables(gw)
+        assert gw.internal_errors == []
+    return path
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    """The case tables recorded once per line (module scope: they take a second)."""
+    folder = tmp_path_factory.mktemp("recordings")
+    return {line: record_the_case_tables(str(folder / ("cases-%s.jsonl" % line)), line)
+            for line in eg.LINES}
+
+
+def compare(capsys, *argv):
+    """python event_gateway.py compare ... in process: (exit status, table, summary)."""
+    status = eg.main(["compare"] + [str(arg) for arg in argv])
+    out = capsys.readouterr().out
+    *table, summary = out.strip().splitlines()
+    return status, table, summary
+
+
+SUMMARY = re.compile(r"compare: (\d+) exchanges, (\d+) agree, (\d+) stated, (\d+) unstated, "
+                     r"(\d+) skipped$")
+
+
+def read_verdicts(path):
+    with open(path, encoding="utf-8") as report:
+        return json.load(report)
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_the_case_tables_agree_with_the_same_line_in_process(recordings, capsys, tmp_path, line):
+    report = tmp_path / "verdicts.json"
+    status, table, summary = compare(capsys, recordings[line], "--gateway-version", line,
+                                     "--json", report)
+    exchanges, agree, stated, unstated, skipped = map(int, SUMMARY.match(summary).groups())
+    assert (status, stated, unstated, table) == (0, 0, 0, []), (summary, table)
+    assert exchanges == agree + skipped and agree > 200
+    verdicts = read_verdicts(report)
+    assert verdicts["summary"]["agree"] == agree and len(verdicts["exchanges"]) == exchanges
+
+
+@LOCAL_ONLY
+def test_the_case_tables_agree_with_the_same_line_over_http(recordings, capsys):
+    target = eg.EventGateway(channels=START_CHANNELS)
+    with eg.serve_in_thread(target) as served:
+        status, table, summary = compare(
+            capsys, recordings["1.3"], "--url", served.url,
+            *sum((["--channel", "%s:%s" % pair] for pair in START_CHANNELS.items()), []))
+    assert status == 0 and table == [], (summary, table)
+    assert SUMMARY.match(summary).group(4) == "0"
+    assert target.internal_errors == []
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("recorded, other", [("1.3", "1.2"), ("1.2", "1.3")])
+def test_against_the_other_line_every_difference_is_a_row_of_the_lines_table(
+        recordings, capsys, tmp_path, recorded, other):
+    report = tmp_path / "verdicts.json"
+    status, table, summary = compare(capsys, recordings[recorded], "--gateway-version", other,
+                                     "--json", report)
+    assert status == 0, "\n".join(table)
+    differing = [result for result in read_verdicts(report)["exchanges"]
+                 if result["verdict"] not in ("agree", "skipped")]
+    assert differing and all(result["verdict"] == "stated" for result in differing)
+    rows = {row for result in differing for row in result["reason"].split(", ")}
+    assert rows <= {"V1", "V2", "V3", "V4", "V5", "V6", "V7", "V9"}, rows
+    assert {"V1", "V2", "V3", "V4", "V5", "V6", "V7", "V9"} <= rows     # each shows
+
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """A target that is not a gateway: answers what answer() gives to every request."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, method, body):
+        return 200, {"success": True, "data": {}}
+
+    def _any(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        status, doc = self.answer(self.command, self.rfile.read(length))
+        payload = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _any
+
+    def log_message(self, *args):
+        pass
+
+
+class Renamer(StandIn):
+    """A gateway whose success data says eventId instead of event_id."""
+
+    gateway = None
+
+    def answer(self, method, body):
+        status, _, payload = self.gateway.handle(method, self.path, dict(self.headers), body)
+        doc = json.loads(payload) if payload else {}
+        if status == 200 and "event_id" in doc.get("data", {}):
+            doc["data"]["eventId"] = doc["data"].pop("event_id")
+        return status, doc
+
+
+@contextlib.contextmanager
+def stand_in(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def small_recording(path, line="1.3"):
+    """A create, an update and a close of the same event, and one refusal."""
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(clock=Clock(), gateway_version=line, record=stream)
+        event_id = create(gw)
+        post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=event_id))
+        post(gw, eg.CLOSE, valid_body(eg.CLOSE, event_id=event_id))
+        post(gw, eg.CREATE, valid_body(eg.CREATE, severity="bad"))
+        post(gw, eg.CREATE, valid_body(eg.CREATE, title="t" * (eg.TITLE_MAX_CHARS + 1)))
+    return path
+
+
+@LOCAL_ONLY
+def test_a_target_that_accepts_everything_is_unstated_target_accepts(capsys, tmp_path):
+    with stand_in(StandIn) as url:
+        status, table, summary = compare(capsys, small_recording(tmp_path / "r.jsonl"),
+                                         "--url", url, "--target-line", "1.3")
+    assert status == 1
+    assert any(" target_accepts " in row and " unstated " in row for row in table), table
+    assert SUMMARY.match(summary).group(4) != "0"
+
+
+@LOCAL_ONLY
+def test_a_renamed_key_of_the_success_data_is_unstated_shape(capsys, tmp_path):
+    Renamer.gateway = eg.EventGateway()
+    with stand_in(Renamer) as url:
+        status, table, summary = compare(capsys, small_recording(tmp_path / "r.jsonl"),
+                                         "--url", url, "--channel", "%s:%s" % (CHANNEL, PASSWORD))
+    assert status == 1
+    shape = [row for row in table if " shape " in row and " unstated " in row]
+    assert shape and all(row.startswith("/event/") for row in shape), table
+
+
+@LOCAL_ONLY
+def test_a_target_that_closes_every_connection_is_no_answer(capsys, tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def close_all():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+    thread = threading.Thread(target=close_all, daemon=True)
+    thread.start()
+    try:
+        status, table, summary = compare(
+            capsys, small_recording(tmp_path / "r.jsonl"), "--url",
+            "http://127.0.0.1:%d" % listener.getsockname()[1], "--timeout", "2")
+    finally:
+        stop.set()
+        socket.create_connection(listener.getsockname(), timeout=5).close()   # wakes accept()
+        thread.join()
+        listener.close()
+    assert status == 3 and all(" no_answer " in row for row in table[1:]), table
+    assert SUMMARY.match(summary).group(2) == "0"
+
+
+@LOCAL_ONLY
+def test_no_recording_holds_a_password_or_token_in_any_encoding(recordings, tmp_path):
+    with_token = str(tmp_path / "token.jsonl")
+    with open(with_token, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(token="s3cret-token", channels=START_CHANNELS, record=stream)
+        for authorization in sorted(SHOWN_AUTHORIZATION) + ["Bearer s3cret-token"]:
+            for password in ("wrong-pass-1", PASSWORD, "p" * 8):
+                post(gw, eg.CREATE, valid_body(eg.CREATE, password=password),
+                     dict(JSON_HEADERS, Authorization=authorization))
+        for body in (b'{"pass\\u0077ord": "pass-1234", "x": ', b'{"password": "pass-12',
+                     b'{"password": "pass-\xff1234"}', b'{"pasword": "pass-1234"}',
+                     b'{"channel_id": "%s", "password": "pass-1234"' % CHANNEL.encode()):
+            gw.handle("POST", eg.CREATE, dict(JSON_HEADERS, Authorization="Bearer s3cret-token"),
+                      body)
+        jsonl = gw.handle("GET", "/__admin/requests?format=jsonl",
+                          {"Authorization": "Bearer s3cret-token"}, None)[2]
+    texts = [read_bytes(path) for path in list(recordings.values()) + [with_token]] + [jsonl]
+    for text in texts:
+        decoded = text.decode("utf-8")
+        lines = [json.loads(line) for line in decoded.splitlines()]
+        bodies = b"".join(base64.b64decode(line["body_base64"]) for line in lines
+                          if line.get("body_base64"))
+        for secret in SECRETS:
+            escaped = "".join("\\u%04x" % ord(char) for char in secret)
+            assert secret not in decoded and escaped not in decoded.lower(), secret
+            assert secret.encode() not in bodies
+            assert base64.b64encode(secret.encode()).decode() not in decoded
+    placeholders = re.findall(r"<(?:password|token):[a-z]+(?::\d+)?>", jsonl.decode())
+    assert {"<token:valid>", "<password:other:12>", "<password:registered>"} <= set(placeholders)
+
+
+@LOCAL_ONLY
+def test_a_replay_keeps_what_the_answers_depended_on(capsys, tmp_path):
+    path = tmp_path / "secrets.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(channels=START_CHANNELS, token="s3cret-token", record=stream)
+        auth = dict(JSON_HEADERS, Authorization="Bearer s3cret-token")
+        for password, expected in (("wrong-pass-1", 403), ("short", 400), ("p" * 129, 400),
+                                   (" %s " % PASSWORD, 200), ("pass-1235", 403)):
+            answer = post(gw, eg.CREATE, valid_body(eg.CREATE, password=password), auth)
+            assert answer[0] == expected
+        post(gw, eg.CREATE, valid_body(eg.CREATE), dict(JSON_HEADERS, Authorization="Bearer no"))
+        post(gw, eg.CREATE, valid_body(eg.CREATE), dict(JSON_HEADERS, Authorization="s3cret-token"))
+    report = tmp_path / "verdicts.json"
+    status, table, summary = compare(capsys, path, "--gateway-version", "1.3", "--json", report)
+    assert (status, table) == (0, []), (summary, table)
+    answered = [tuple(result["answered"]) for result in read_verdicts(report)["exchanges"]]
+    assert answered == [(403, "password_mismatch"), (400, "invalid_password"),
+                        (400, "invalid_password"), (200, None), (403, "password_mismatch"),
+                        (401, "authentication_failed"), (401, "authentication_failed")]
+
+
+@LOCAL_ONLY
+def test_a_replay_reaches_the_targets_own_event(capsys, tmp_path):
+    report = tmp_path / "verdicts.json"
+    status, table, summary = compare(capsys, small_recording(tmp_path / "r.jsonl"),
+                                     "--gateway-version", "1.3", "--json", report)
+    answered = [result["answered"] for result in read_verdicts(report)["exchanges"]]
+    assert answered == [[200, None], [200, None], [200, None], [400, "invalid_severity"],
+                        [400, "invalid_title"]]
+    assert status == 0 and table == []
+
+
+@LOCAL_ONLY
+def test_a_refusal_that_follows_from_an_earlier_one_takes_its_verdict(capsys, tmp_path):
+    path = tmp_path / "thing.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(gateway_version="1.3", record=stream)
+        data = assert_accepted(gw, post(gw, "/thing/db-1/event/create", valid_body(eg.CREATE)),
+                               thing_id="db-1")
+        post(gw, eg.UPDATE, valid_body(eg.UPDATE, event_id=data["event_id"]))
+    report = tmp_path / "verdicts.json"
+    status, _, _ = compare(capsys, path, "--gateway-version", "1.2", "--json", report)
+    first, second = read_verdicts(report)["exchanges"]
+    assert (first["verdict"], first["reason"]) == ("stated", "V1")
+    assert (second["kind"], second["answered"]) == ("target_refuses", [404, "event_not_found"])
+    assert (second["verdict"], second["reason"], second["follows_from"]) == (
+        "stated", "V1", first["seq"])
+    assert status == 0
+
+
+@pytest.mark.parametrize("content, words", [
+    pytest.param("", ["empty"], id="empty-file"),
+    pytest.param('{"recording": 1, "reset": true, "received_at": 1}', ["line 1", "cut short"],
+                 id="truncated-last-line"),
+    pytest.param('{"recording": 1, "reset": true, "received_at": 1}\n{"recording": 2}\n',
+                 ["line 2", "format 2", "format 1"], id="format-2"),
+    pytest.param('{"recording": 1, "reset": true, "received_at": 1}\nnot json\n',
+                 ["line 2", "not JSON"], id="not-json"),
+    pytest.param('{"recording": 1, "method": "POST"}\n', ["line 1", "not an exchange"],
+                 id="not-an-exchange"),
+])
+def test_a_recording_it_cannot_read_is_exit_2_and_nothing_is_sent(capsys, tmp_path, content,
+                                                                  words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    sent = []
+
+    class Counting(StandIn):
+        def answer(self, method, body):
+            sent.append(self.path)
+            return 200, {"success": True, "data": {}}
+    with stand_in(Counting) as url:
+        with pytest.raises(SystemExit) as stopped:
+            eg.main(["compare", str(path), "--url", url])
+    assert stopped.value.code == 2 and sent == []
+    error = capsys.readouterr().err
+    assert all(word in error for word in words), error
+
+
+@pytest.mark.parametrize("argv, words", [
+    pytest.param([], ["--url", "--gateway-version"], id="no-target"),
+    pytest.param(["--url", "http://x", "--gateway-version", "1.2"], ["not allowed"],
+                 id="two-targets"),
+    pytest.param(["--gateway-version", "1.3", "--fail-on", "shape,nope"], ["--fail-on"],
+                 id="unknown-kind"),
+    pytest.param(["--gateway-version", "1.3", "--timeout", "0"], ["--timeout"], id="timeout-0"),
+])
+def test_compare_usage_errors(capsys, tmp_path, argv, words):
+    path = small_recording(tmp_path / "r.jsonl")
+    with pytest.raises(SystemExit) as stopped:
+        eg.main(["compare", str(path)] + argv)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and all(word in error for word in words), error
+
+
+@LOCAL_ONLY
+def test_hostile_and_broken_exchanges_replay_and_judge(capsys, tmp_path):
+    # The suite's refusals over a real socket, broken HTTP and dropped answers included:
+    # the recording replays and judges without an exception, and agrees with its line.
+    path = tmp_path / "hostile.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gateway = eg.EventGateway(channels=START_CHANNELS, record=stream)
+        with eg.serve_in_thread(gateway) as served:
+            for raw, _, _ in map(case_value, MALFORMED_CASES):
+                with connect(served.url) as sock:
+                    sock.sendall(raw.replace(b"/healthz", eg.CREATE.encode()))
+                    read_response(sock)
+            for body, _ in map(case_value, STRICT_JSON_CASES):
+                conn = http_connection(served.url, 5)
+                conn.request("POST", eg.CREATE, body, JSON_HEADERS)
+                conn.getresponse().read()
+            big = json.dumps(valid_body(eg.CREATE, title="x" * (32 * 1024))).encode()
+            conn = http_connection(served.url, 5)
+            conn.request("POST", eg.CREATE, big, JSON_HEADERS)
+            assert conn.getresponse().status == 413
+            conn.close()
+            gateway.add_fault("*", kind="drop", count=2)
+            for _ in range(2):
+                conn = http_connection(served.url, 5)
+                conn.request("POST", eg.CREATE, CREATE_BYTES, JSON_HEADERS)
+                with pytest.raises(http.client.HTTPException):
+                    conn.getresponse()
+                conn.close()
+        assert gateway.internal_errors == []
+    status, table, summary = compare(capsys, path, "--gateway-version", "1.3")
+    counts = SUMMARY.match(summary).groups()
+    assert status == 0 and table == [], (summary, table)
+    assert int(counts[4]) >= 8 and int(counts[1]) >= len(STRICT_JSON_CASES)
+    status, _, summary = compare(capsys, path, "--gateway-version", "1.2")
+    assert status == 0, summary
+
+
+def test_the_judge_is_a_function_of_two_answers():
+    ok = {"status": 200, "headers": {"content-type": "application/json"},
+          "body": '{"success": true, "data": {"op_id": "%s", "event_id": "%s"}}' % (
+              "0" * 13 + "-" + "a" * 32, "b" * 32)}
+    other_ids = dict(ok, body=ok["body"].replace("a" * 32, "c" * 32).replace("b" * 32, "d" * 32))
+    refused = {"status": 400, "headers": {"content-type": "application/json"},
+               "body": json.dumps({"success": False, "error": "x", "error_code": "invalid_title"})}
+    assert eg.disagreement(ok, other_ids) == (None, [])             # generated ids by format
+    assert eg.disagreement(ok, refused)[0] == "target_refuses"
+    assert eg.disagreement(refused, ok)[0] == "target_accepts"
+    assert eg.disagreement(refused, dict(refused, status=404))[0] == "status"
+    assert eg.disagreement(refused, dict(refused, body=refused["body"].replace(
+        "invalid_title", "invalid_status")))[0] == "code"
+    assert eg.disagreement(refused, dict(refused, body=refused["body"].replace(
+        '"x"', '"another sentence"'))) == (None, [])                # text for people: presence
+    assert eg.disagreement(ok, dict(ok, headers={"content-type": "text/plain"})) == (
+        "shape", ["/headers/content-type"])
+    assert eg.disagreement(ok, None) == ("no_answer", [])
+    assert eg.disagreement(dict(ok, status=None), None) == (None, [])     # both dropped
+
+
+def test_the_readmes_differences_table_names_every_stated_reason():
+    readme = read_text(README)
+    section = readme.split("### Where the pages, production and this gateway differ", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    named = set(re.findall(r"\| `([a-z_0-9]+|V\d)` \|$", section, re.M))
+    rows_of_lines = set(re.findall(r"^\| (V\d) \|", readme, re.M))
+    assert named | rows_of_lines == {reason.name for reason in eg.STATED_REASONS}
+    for reason in eg.STATED_REASONS:
+        assert reason.across_lines == reason.name.startswith("V")
 
 
 # The OpenAPI description ##########################################################
