@@ -78,10 +78,18 @@ Every answer is JSON in production's form: a success is {"success": true,
 (PROBLEM_CATEGORIES, PROBLEM_SENTENCES, LOCALE_PREFIXES; _error_body), and a
 405 has no body.
 
-Reading order: limits, the production lines, error codes, strict JSON, the
-field rules, the route table, the event store, the request journal, the
-channels, the faults, the core, the OpenAPI description, the HTTP shell, the
-test helper, the command line and, last, the live page.
+Comparing with another gateway: --record FILE (or record=, recording(),
+GET /__admin/requests?format=jsonl) writes a client's traffic without its
+secrets, and ``python event_gateway.py compare RECORDING --url URL`` (or
+--gateway-version for the other line, in process) replays it and says of
+each answer that differs whether the contract states it (STATED_REASONS) or
+something drifted.
+
+Reading order: limits, the production lines (and the reasons two gateways may
+differ), error codes, strict JSON, the field rules, the route table, the event
+store, the request journal, the channels, the faults, the core, the OpenAPI
+description, the HTTP shell, the test helper, comparing with another gateway,
+the command line and, last, the live page.
 ``grep -n '^# .*###' event_gateway.py`` prints the table of contents.
 """
 
@@ -1807,9 +1815,9 @@ def _error_body(code, message, status, locale="en", request_id=None):
 
 # Request journal ###############################################################
 #
-# Every request the gateway answers (or drops), but those to /__admin/..., /
-# and /favicon.ico, is recorded once answered, broken HTTP included, and the
-# last max_requests are kept.  seq counts from 1 and never restarts, so that
+# Every request the gateway answers (or drops), but those to /__admin/..., /,
+# /favicon.ico, /healthz and /readyz, is recorded once answered, broken HTTP
+# included, and the last max_requests are kept.  seq counts from 1 and never restarts, so that
 # ?after=SEQ polls without gaps.  An entry is kept as a tuple in JOURNAL_KEYS
 # order with the request's raw headers and body; its view, built only when
 # read, masks them: the authorization header's credentials, a top-level
@@ -2860,7 +2868,7 @@ class EventGateway:
             self.recorder.write(exchange_line(
                 seq, received_at, self.line.name, request.method, target, request.headers,
                 body, status, answer_headers, payload, request.fault, request.note,
-                self.channels.password_of, self.token))
+                self.channels.password_of, self.token, request.doc))
 
     def _log_line(self, request, received_at, status, code, message, request_id, duration_ms):
         """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body.
@@ -4246,6 +4254,14 @@ def _json_string(raw):
         return None
 
 
+def _placeholder_of(secret, registered):
+    """The placeholder bytes for a secret string: step 10 compares it trimmed."""
+    trimmed = secret.strip()
+    if registered is not None and trimmed == registered:
+        return b"<password:registered>"
+    return b"<password:other:%d>" % len(trimmed.encode("utf-8", "surrogatepass"))
+
+
 def _password_placeholder(raw, registered):
     """The placeholder bytes for a secret's raw bytes (as they stood in the body)."""
     text = _json_string(raw)
@@ -4254,10 +4270,7 @@ def _password_placeholder(raw, registered):
         size = len(readable.strip().encode("utf-8"))
         broken = b"\xff" if "\ufffd" in readable and b"\xef\xbf\xbd" not in raw else b""
         return b"<password:other:%d>" % size + broken
-    trimmed = text.strip()
-    if registered is not None and trimmed == registered:
-        return b"<password:registered>"
-    return b"<password:other:%d>" % len(trimmed.encode("utf-8", "surrogatepass"))
+    return _placeholder_of(text, registered)
 
 
 def _is_secret_key(raw_key):
@@ -4272,19 +4285,29 @@ def _channel_in(body):
     return found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
 
 
-def scrubbed_body(body, registered_password):
+def _quoted_forms(value):
+    # The ways a client's JSON encoder writes a string: as it is, or ASCII-escaped.
+    ascii_only = json.dumps(value).encode()
+    if value.isascii():
+        return (ascii_only,)
+    return (json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"), ascii_only)
+
+
+def scrubbed_body(body, registered_password, doc=None):
     """body (bytes) with every password it carried replaced by its placeholder.
 
-    registered_password(channel_id) is the channel's password or None.  In a body
-    that parses, only top-level string values of "password" and of unknown keys
-    are secrets (a nested one is data); in one that does not, every pair whose
-    key is such a key is replaced."""
+    registered_password(channel_id) is the channel's password or None; doc is the
+    body as the core parsed it, when it did.  In a body that parses, only
+    top-level string values of "password" and of unknown keys are secrets (a
+    nested one is data), and each is replaced wherever that string stands; in one
+    that does not, every "key": "string" pair whose key is such a key is."""
     if not body:
         return body
-    try:
-        doc = parse_json_body(body, _SHOWN_DECODERS)
-    except GatewayError:
-        doc = None
+    if doc is None:
+        try:
+            doc = parse_json_body(body, _SHOWN_DECODERS)
+        except GatewayError:
+            doc = None
     if doc is not None:
         secrets = {key: value for key, value in doc.items()
                    if isinstance(value, str) and (key == "password" or key not in EVENT_FIELDS)}
@@ -4292,6 +4315,16 @@ def scrubbed_body(body, registered_password):
             return body
         channel_id = canonical_channel_id(doc.get("channel_id"))
         registered = None if channel_id is None else registered_password(channel_id)
+        scrubbed = body
+        for value in secrets.values():
+            forms = [form for form in _quoted_forms(value) if form in scrubbed]
+            if not forms:
+                break               # escaped some other way: the scan below finds it
+            placeholder = b'"%s"' % _placeholder_of(value, registered)
+            for form in forms:
+                scrubbed = scrubbed.replace(form, placeholder)
+        else:
+            return scrubbed
     else:
         secrets = None
         channel_id = _channel_in(body)
@@ -4323,7 +4356,7 @@ def token_placeholder(value, token):
 
 
 def exchange_line(seq, received_at, line, method, target, headers, body, status,
-                  answer_headers, payload, fault, note, registered_password, token):
+                  answer_headers, payload, fault, note, registered_password, token, doc=None):
     """One exchange of a recording, as a dict (the format above), secrets replaced."""
     shown = {}
     for name in RECORDED_REQUEST_HEADERS:
@@ -4335,7 +4368,7 @@ def exchange_line(seq, received_at, line, method, target, headers, body, status,
     if body is None:
         line_doc["body"] = None
     else:
-        body = scrubbed_body(body, registered_password)
+        body = scrubbed_body(body, registered_password, doc)
         try:
             line_doc["body"] = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -5191,9 +5224,9 @@ def _positive_number(text):
 def build_compare_parser():
     parser = _Parser(
         prog="event_gateway.py compare", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Replay a recording (--record, or GET /__admin/requests?format=jsonl) "
-                    "against a target and judge every pair of answers: agree, stated (a "
-                    "difference the contract states, with its reason) or unstated (drift in "
+        description="Replay a recording (--record, or GET /__admin/requests?format=jsonl)\n"
+                    "against a target and judge every pair of answers: agree, stated (a\n"
+                    "difference the contract states, with its reason) or unstated (drift in\n"
                     "the target, or a defect here).",
         epilog=_COMPARE_EXAMPLES)
     parser.add_argument("recording", metavar="RECORDING", help="the recording file")
