@@ -4935,17 +4935,17 @@ def _judged(state, target, exchange, verdicts, sleep):
     headers = state.headers(exchange["headers"])
     body = state.body_bytes(exchange.get("body"), exchange.get("body_base64"),
                             exchange["headers"].get("content-length"))
-    answered = None
-    for _ in range(4):
+    for retries in range(4):
         answered = target.send(exchange["method"], state.target_path(exchange["target"]),
                                headers, body, retry=recorded["status"] is not None)
         if not (answered is not None and answered["status"] == 429
                 and _code_of(429, answered["body"]) == "rate_limited"
                 and recorded["status"] != 429):
             break
+        if retries == 3:
+            answered = None             # still limited after 3 minutes: no answer
+            break
         _wait_for_next_minute(sleep=sleep)      # the target's rate limit: not a disagreement
-    else:
-        answered = None
     state.learn(exchange, answered, seq)
     if answered is not None and target.line is None:
         target.line = _line_of_success(answered)

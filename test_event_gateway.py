@@ -4624,6 +4624,63 @@ def test_hostile_and_broken_exchanges_replay_and_judge(capsys, tmp_path):
     assert status == 0, summary
 
 
+class Throttling:
+    """A target whose gateway answers 429 rate_limited to the first `times` requests."""
+
+    is_gateway, line = True, "1.3"
+
+    def __init__(self, times):
+        self.inner = eg._InProcessTarget(eg.EventGateway())
+        self.times = times
+
+    def send(self, method, target, headers, body, retry=True):
+        if self.times and method == "POST":
+            self.times -= 1
+            return {"status": 429, "headers": {"content-type": "application/json"},
+                    "body": json.dumps({"success": False, "error": "slow down",
+                                        "error_code": "rate_limited"})}
+        return self.inner.send(method, target, headers, body)
+
+    def close(self):
+        pass
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("times, verdicts", [(3, ["agree", "agree", "agree"]),
+                                             (4, ["unstated", "agree", "agree"])])
+def test_a_targets_rate_limit_is_waited_out_at_most_three_times(tmp_path, times, verdicts):
+    path = tmp_path / "r.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(record=stream)
+        for _ in range(3):
+            create(gw)
+    slept = []
+    out = io.StringIO()
+    target = Throttling(times)
+    results = list(eg.replay(str(path), target, {CHANNEL: PASSWORD}, None, sleep=slept.append))
+    assert [result["verdict"] for result in results] == verdicts
+    assert len(slept) == min(times, 3) and all(0 < seconds <= 60.05 for seconds in slept)
+    assert results[0]["kind"] == (None if times == 3 else "no_answer")
+    eg.run_compare(str(path), Throttling(0), passwords={CHANNEL: PASSWORD}, out=out,
+                   sleep=slept.append, pace=120)
+    assert slept[-3:] == [0.5] * 3 and out.getvalue().endswith("3 agree, 0 stated, 0 unstated, "
+                                                               "0 skipped\n")
+
+
+@LOCAL_ONLY
+def test_a_recording_with_a_token_replays_in_process_with_one(capsys, tmp_path):
+    path = tmp_path / "token.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(token="s3cret-token", record=stream)
+        for authorization in ("Bearer s3cret-token", "Bearer s3cret-tokeN", "s3cret-token"):
+            post(gw, eg.CREATE, valid_body(eg.CREATE),
+                 dict(JSON_HEADERS, Authorization=authorization))
+    report = tmp_path / "verdicts.json"
+    status, table, _ = compare(capsys, path, "--gateway-version", "1.3", "--json", report)
+    answered = [result["answered"][0] for result in read_verdicts(report)["exchanges"]]
+    assert (status, table, answered) == (0, [], [200, 401, 401])
+
+
 def test_the_judge_is_a_function_of_two_answers():
     ok = {"status": 200, "headers": {"content-type": "application/json"},
           "body": '{"success": true, "data": {"op_id": "%s", "event_id": "%s"}}' % (
