@@ -4263,14 +4263,18 @@ def _placeholder_of(secret, registered):
 
 
 def _password_placeholder(raw, registered):
-    """The placeholder bytes for a secret's raw bytes (as they stood in the body)."""
+    """The placeholder bytes for a secret's raw bytes (as they stood in the body).
+
+    A secret that breaks the JSON (a byte that is not UTF-8, a bad or lone
+    surrogate escape, a raw control character) keeps a breakage of that kind after
+    its placeholder, so that the replayed body is refused as the recorded one was."""
     text = _json_string(raw)
-    if text is None:    # broken: count what can be read, and keep the breakage
-        readable = raw.decode("utf-8", "replace")
-        size = len(readable.strip().encode("utf-8"))
-        broken = b"\xff" if "\ufffd" in readable and b"\xef\xbf\xbd" not in raw else b""
-        return b"<password:other:%d>" % size + broken
-    return _placeholder_of(text, registered)
+    if text is not None and not _has_lone_surrogate(text):
+        return _placeholder_of(text, registered)
+    readable = raw.decode("utf-8", "replace")
+    size = len(readable.strip().encode("utf-8"))
+    not_utf8 = "\ufffd" in readable and b"\xef\xbf\xbd" not in raw
+    return b"<password:other:%d>" % size + (b"\xff" if not_utf8 else b"\\ud800")
 
 
 def _is_secret_key(raw_key):

@@ -341,14 +341,21 @@ def make_gateway(line=eg.DEFAULT_LINE, **options):
     return gateway
 
 
+def without_internal_errors(gateway):
+    """Yield gateway to the test, then fail it on any 500 the gateway made (a bug here)."""
+    yield gateway
+    assert getattr(gateway, "internal_errors", []) == [], gateway.internal_errors[-1]
+
+
 @pytest.fixture
 def gw():
     """A fresh gateway of the default line (in conformance mode: the server)."""
     if REMOTE_URL:
         remote = RemoteGateway(REMOTE_URL, REMOTE_TOKEN)
         remote.reset()
-        return remote
-    return make_gateway()
+        yield remote
+        return
+    yield from without_internal_errors(make_gateway())
 
 
 @pytest.fixture(params=list(eg.LINES), ids=lambda line: "line-" + line)
@@ -360,8 +367,9 @@ def gw_line(request):
         if remote.line.name != request.param:
             pytest.skip("the server at EVENT_GATEWAY_URL runs line %s" % remote.line.name)
         remote.reset()
-        return remote
-    return make_gateway(request.param)
+        yield remote
+        return
+    yield from without_internal_errors(make_gateway(request.param))
 
 
 # The code of an op_id reused with another body, in each line (V6).
@@ -398,7 +406,7 @@ def gw_auth():
     """A gateway whose token is s3cret-token."""
     if REMOTE_URL:
         pytest.skip("needs a gateway whose token the test chooses")
-    return eg.EventGateway(token="s3cret-token", clock=Clock())
+    yield from without_internal_errors(eg.EventGateway(token="s3cret-token", clock=Clock()))
 
 
 # 0. Production lines ##############################################################
@@ -1331,6 +1339,8 @@ def test_unexpected_exception_is_500_and_the_next_request_works(gw, monkeypatch)
     monkeypatch.undo()
     assert post(gw, eg.CREATE, valid_body(eg.CREATE))[0] == 200
     assert len(gw.events()) == 1
+    assert len(gw.internal_errors) == 1
+    del gw.internal_errors[:]           # the one this test caused on purpose
 
 
 def test_messages_never_echo_the_password(gw):
@@ -4513,6 +4523,29 @@ def test_a_replay_keeps_what_the_answers_depended_on(capsys, tmp_path):
                         (401, "authentication_failed"), (401, "authentication_failed")]
 
 
+# Bodies whose secret itself breaks the JSON (what the fuzzer found): the replay must
+# be refused as the recording was, not turned into a body that parses.
+BROKEN_SECRETS = [b'"pass\\ud800"', b'"pass\\x"', b'"pa\nss"', b'"pass\xff"', b'"pass-12',
+                  b'"pass\\udc00-1234"']
+
+
+@LOCAL_ONLY
+@pytest.mark.parametrize("line", list(eg.LINES))
+def test_a_secret_that_breaks_the_body_still_breaks_it_in_the_replay(capsys, tmp_path, line):
+    path = tmp_path / "broken.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(gateway_version=line, record=stream)
+        for secret in BROKEN_SECRETS:
+            for key in (b"password", b"pasword"):
+                body = b'{"channel_id": "%s", "%s": %s' % (CHANNEL.encode(), key, secret)
+                body += b"}" if secret.endswith(b'"') else b""
+                assert gw.handle("POST", eg.CREATE, JSON_HEADERS, body)[0] == 400
+    text = read_bytes(path)
+    assert b"pass" not in text.replace(b"password", b"").replace(b"pasword", b"")
+    status, table, summary = compare(capsys, path, "--gateway-version", line)
+    assert (status, table) == (0, []), (summary, table)
+
+
 @LOCAL_ONLY
 def test_a_replay_reaches_the_targets_own_event(capsys, tmp_path):
     report = tmp_path / "verdicts.json"
@@ -4700,6 +4733,21 @@ def test_the_judge_is_a_function_of_two_answers():
         "shape", ["/headers/content-type"])
     assert eg.disagreement(ok, None) == ("no_answer", [])
     assert eg.disagreement(dict(ok, status=None), None) == (None, [])     # both dropped
+
+
+@LOCAL_ONLY
+def test_the_readme_names_every_error_code_option_and_step():
+    # The README is the module's contract for people: it must not drift from it.
+    readme = read_text(README)
+    assert [code for code in eg.ERRORS if "`%s`" % code not in readme] == []
+    for parser in (eg.build_parser(), eg.build_compare_parser()):
+        options = [option for action in parser._actions for option in action.option_strings
+                   if option.startswith("--") and option != "--help"]
+        assert [option for option in options if "`%s" % option not in readme] == []
+    docstring_steps = re.findall(r"^ ?(\d+a?)\. ", eg.__doc__, re.M)
+    order = readme.split("**Processing order**", 1)[1].split("\n\n", 1)[0]
+    assert docstring_steps and [step for step in docstring_steps
+                                if not re.search(r"(^|[ (;]) ?%s " % step, order, re.M)] == []
 
 
 def test_the_readmes_differences_table_names_every_stated_reason():
