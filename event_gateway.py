@@ -2005,6 +2005,11 @@ class Channels:
         with self._lock:
             return list(self._passwords)
 
+    def passwords(self):
+        """Every registered password: a recording replaces any it finds in a broken body."""
+        with self._lock:
+            return list(self._passwords.values())
+
     def password_of(self, channel_id):
         """The channel's password, or None: only a recording asks, to say whether a
         password it replaces was the registered one."""
@@ -2681,7 +2686,7 @@ class EventGateway:
         return exchange_line(view["seq"], view["received_at"], self.line.name, view["method"],
                              target, view["headers"], view["body"], view["status"],
                              entry[_J_ANSWER_HEADERS], view["response"] or b"", view["fault"],
-                             view["note"], self.channels.password_of, self.token)
+                             view["note"], self.channels, self.token)
 
     def _record_admin(self, method, target, body):
         if self.recorder is not None:
@@ -2868,7 +2873,7 @@ class EventGateway:
             self.recorder.write(exchange_line(
                 seq, received_at, self.line.name, request.method, target, request.headers,
                 body, status, answer_headers, payload, request.fault, request.note,
-                self.channels.password_of, self.token, request.doc))
+                self.channels, self.token, request.doc))
 
     def _log_line(self, request, received_at, status, code, message, request_id, duration_ms):
         """One printable line of at most MAX_LOG_LINE_CHARS: never a header or body.
@@ -4289,22 +4294,15 @@ def _channel_in(body):
     return found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
 
 
-def _quoted_forms(value):
-    # The ways a client's JSON encoder writes a string: as it is, or ASCII-escaped.
-    ascii_only = json.dumps(value).encode()
-    if value.isascii():
-        return (ascii_only,)
-    return (json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"), ascii_only)
-
-
-def scrubbed_body(body, registered_password, doc=None):
+def scrubbed_body(body, registered_password, doc=None, known_secrets=()):
     """body (bytes) with every password it carried replaced by its placeholder.
 
     registered_password(channel_id) is the channel's password or None; doc is the
     body as the core parsed it, when it did.  In a body that parses, only
     top-level string values of "password" and of unknown keys are secrets (a
-    nested one is data), and each is replaced wherever that string stands; in one
-    that does not, every "key": "string" pair whose key is such a key is."""
+    nested one is data), replaced where they stand as that key's value; in one
+    that does not, every "key": "string" pair whose key is such a key is, and any
+    registered password that stands anywhere else in it."""
     if not body:
         return body
     if doc is None:
@@ -4319,16 +4317,6 @@ def scrubbed_body(body, registered_password, doc=None):
             return body
         channel_id = canonical_channel_id(doc.get("channel_id"))
         registered = None if channel_id is None else registered_password(channel_id)
-        scrubbed = body
-        for value in secrets.values():
-            forms = [form for form in _quoted_forms(value) if form in scrubbed]
-            if not forms:
-                break               # escaped some other way: the scan below finds it
-            placeholder = b'"%s"' % _placeholder_of(value, registered)
-            for form in forms:
-                scrubbed = scrubbed.replace(form, placeholder)
-        else:
-            return scrubbed
     else:
         secrets = None
         channel_id = _channel_in(body)
@@ -4344,7 +4332,13 @@ def scrubbed_body(body, registered_password, doc=None):
             return match.group(0)
         start = match.start(2) - match.start(0)
         return match.group(0)[:start] + _password_placeholder(raw_value, registered) + closing
-    return _KEY_STRING.sub(replace, body)
+    body = _KEY_STRING.sub(replace, body)
+    # Whatever a broken body holds: a registered password or the token, anywhere.
+    for secret, placeholder in known_secrets:
+        raw = secret.encode("utf-8", "surrogatepass")
+        if raw and raw in body and (secrets is None or placeholder == b"<token:valid>"):
+            body = body.replace(raw, placeholder)
+    return body
 
 
 def token_placeholder(value, token):
@@ -4360,8 +4354,15 @@ def token_placeholder(value, token):
 
 
 def exchange_line(seq, received_at, line, method, target, headers, body, status,
-                  answer_headers, payload, fault, note, registered_password, token, doc=None):
-    """One exchange of a recording, as a dict (the format above), secrets replaced."""
+                  answer_headers, payload, fault, note, channels, token, doc=None):
+    """One exchange of a recording, as a dict (the format above), secrets replaced;
+    channels is the gateway's Channels, token its token or None."""
+    registered_password = channels.password_of
+    known_secrets = []
+    if body and doc is None:        # not parsed by the core: perhaps broken
+        known_secrets = [(password, b"<password:registered>") for password in channels.passwords()]
+    if body and token:
+        known_secrets.append((token, b"<token:valid>"))
     shown = {}
     for name in RECORDED_REQUEST_HEADERS:
         value = headers.get(name)
@@ -4372,7 +4373,7 @@ def exchange_line(seq, received_at, line, method, target, headers, body, status,
     if body is None:
         line_doc["body"] = None
     else:
-        body = scrubbed_body(body, registered_password, doc)
+        body = scrubbed_body(body, registered_password, doc, known_secrets)
         try:
             line_doc["body"] = body.decode("utf-8")
         except UnicodeDecodeError:

@@ -4547,6 +4547,27 @@ def test_a_secret_that_breaks_the_body_still_breaks_it_in_the_replay(capsys, tmp
 
 
 @LOCAL_ONLY
+def test_a_secret_is_replaced_as_a_value_only(capsys, tmp_path):
+    # An unknown key (a secret's place) whose value is another key's name, and a body
+    # that is no JSON at all but holds the password: both found by fuzzing compare.
+    path = tmp_path / "values.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(record=stream, token="s3cret-token")
+        auth = dict(JSON_HEADERS, Authorization="Bearer s3cret-token")
+        answer = post(gw, eg.CREATE, valid_body(eg.CREATE, probability="status", tags=["status"],
+                                                 severity="bad"), auth)
+        assert answer[2]["error_code"] == "invalid_severity"
+        gw.handle("POST", eg.UPDATE, auth, b"\x00n+ee pass-1234 ke+ s3cret-token \x01")
+    text = read_text(path)
+    assert PASSWORD not in text and "s3cret-token" not in text
+    recorded = json.loads(json.loads(text.splitlines()[0])["body"])
+    assert (recorded["status"], recorded["tags"], recorded["probability"]) == (
+        valid_body(eg.CREATE)["status"], ["status"], "<password:other:6>")
+    status, table, summary = compare(capsys, path, "--gateway-version", "1.3", "--token", "t0k")
+    assert (status, table) == (0, []), (summary, table)
+
+
+@LOCAL_ONLY
 def test_a_replay_reaches_the_targets_own_event(capsys, tmp_path):
     report = tmp_path / "verdicts.json"
     status, table, summary = compare(capsys, small_recording(tmp_path / "r.jsonl"),
