@@ -100,6 +100,7 @@ import contextlib
 import difflib
 import errno
 import email.utils
+import functools
 import gc
 import hashlib
 import hmac
@@ -4246,13 +4247,24 @@ PLACEHOLDERS = MappingProxyType({
 })
 _PLACEHOLDER_TEXT = re.compile(r"<password:registered>|<password:other:(\d{1,4})>")
 # A "key": "string" pair in a body's bytes; the string may run to the end (cut short).
-_KEY_STRING = re.compile(rb'"((?:[^"\\]|\\.){0,256})"[ \t\r\n]*:[ \t\r\n]*"((?:[^"\\]|\\.)*)("|$)',
-                         re.S)
+_VALUE_STRING = rb'"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)("|$)'
+_KEY_STRING = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)' + _VALUE_STRING, re.S)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs_of(keys):
+    """_KEY_STRING for these keys only, as an encoder writes them (made once a key set)."""
+    names = b"|".join(re.escape(json.dumps(key)[1:-1].encode()) for key in keys)
+    return re.compile(b'"(' + names + b')' + _VALUE_STRING, re.S)
 
 
 def _json_string(raw):
     """The text of a JSON string's raw bytes (between the quotes), or None when
     they are not valid UTF-8 or not a valid JSON string."""
+    if b"\\" not in raw and raw.isascii():
+        text = raw.decode("ascii")
+        if text.isprintable():
+            return text                     # the usual key or value: nothing to decode
     try:
         return json.loads(b'"' + raw + b'"')
     except ValueError:
@@ -4332,7 +4344,12 @@ def scrubbed_body(body, registered_password, doc=None, known_secrets=()):
             return match.group(0)
         start = match.start(2) - match.start(0)
         return match.group(0)[:start] + _password_placeholder(raw_value, registered) + closing
-    body = _KEY_STRING.sub(replace, body)
+    if secrets is not None:
+        # The usual body: its secret keys as plain JSON text; one search for them.
+        scrubbed, found = _pairs_of(tuple(sorted(secrets))).subn(replace, body)
+        body = scrubbed if found >= len(secrets) else _KEY_STRING.sub(replace, body)
+    else:
+        body = _KEY_STRING.sub(replace, body)
     # Whatever a broken body holds: a registered password or the token, anywhere.
     for secret, placeholder in known_secrets:
         raw = secret.encode("utf-8", "surrogatepass")
