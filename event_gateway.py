@@ -4426,12 +4426,19 @@ class Recorder:
     def __init__(self, stream):
         self.stream = stream
         self.lock = threading.Lock()
+        self.failed = None          # the error that stopped the recording (a full disk)
 
     def write(self, line_doc):
         text = _recording_text(line_doc)
         with self.lock:
-            self.stream.write(text)
-            self.stream.flush()
+            if self.failed is not None:
+                return
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError) as error:
+                # The requests are still answered; the recording ends here, short.
+                self.failed = error
 
     def admin(self, method, target, body, received_at):
         self.write({"recording": RECORDING_FORMAT, "admin": {
@@ -5518,6 +5525,9 @@ def _serve_until_stopped(parser, args, token, channels, stdout, stderr, record):
         if args.ready_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(args.ready_file)
+        if gateway.recorder is not None and gateway.recorder.failed is not None:
+            print("event_gateway: the recording in %s stopped early: %s"
+                  % (_printable(args.record[:200]), gateway.recorder.failed), file=stderr)
     return 0
 
 

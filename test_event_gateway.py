@@ -4568,6 +4568,16 @@ def test_a_secret_is_replaced_as_a_value_only(capsys, tmp_path):
 
 
 @LOCAL_ONLY
+def test_a_recording_that_cannot_be_written_stops_and_the_gateway_answers_on():
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    gw = eg.EventGateway(record=Full())
+    assert create(gw) and create(gw)
+    assert isinstance(gw.recorder.failed, OSError) and gw.internal_errors == []
+
+
+@LOCAL_ONLY
 def test_a_replay_reaches_the_targets_own_event(capsys, tmp_path):
     report = tmp_path / "verdicts.json"
     status, table, summary = compare(capsys, small_recording(tmp_path / "r.jsonl"),
