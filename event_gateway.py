@@ -4245,7 +4245,7 @@ PLACEHOLDERS = MappingProxyType({
     "<token:invalid>": "a value that was not the token",
     "<token:unchecked>": "any Authorization value of a gateway without a token",
 })
-_PLACEHOLDER_TEXT = re.compile(r"<password:registered>|<password:other:(\d{1,4})>")
+_PASSWORD_PLACEHOLDER = re.compile(rb"<password:registered>|<password:other:(\d{1,4})>")
 # A "key": "string" pair in a body's bytes; the string may run to the end (cut short).
 _VALUE_STRING = rb'"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)("|$)'
 _KEY_STRING = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)' + _VALUE_STRING, re.S)
@@ -4689,8 +4689,7 @@ def read_recording(path):
                     # password matched, or did not match (so it was known), before
                     # any admin line registered it.
                     body = doc.get("body") or ""
-                    found = re.search(r'"channel_id"\s*:\s*"([^"\\]{1,64})"', body)
-                    channel_id = found and canonical_channel_id(found.group(1))
+                    channel_id = _channel_in(body.encode("utf-8", "surrogatepass"))
                     if channel_id and channel_id not in registered_by_admin and (
                             "<password:registered>" in body or _code_of(
                                 doc["answer"]["status"], doc["answer"]["body"])
@@ -4807,13 +4806,15 @@ class Replay:
         self.unmapped = {}                  # recorded generated id -> seq of its exchange
         self.stretch = 1
 
-    def _password_text(self, match, channel_id):
+    def _password_bytes(self, size, channel_id):
+        """What a password placeholder becomes, JSON-escaped: the channel's password
+        (size None), or size ASCII characters that are not it."""
         registered = self.passwords.get(channel_id)
-        if match.group(1) is None:
-            value = registered if registered is not None else "x" * 8
+        if size is None:
+            value = registered if registered is not None else "x" * PASSWORD_MIN_BYTES
         else:
-            value = _other_secret(int(match.group(1)), registered)
-        return json.dumps(value)[1:-1]
+            value = _other_secret(int(size), registered)
+        return json.dumps(value)[1:-1].encode()
 
     def body_bytes(self, text, base64_text, content_length):
         """The request body to send: placeholders and ids replaced."""
@@ -4822,12 +4823,9 @@ class Replay:
                 return b"x" * min(int(content_length), MAX_BODY_BYTES + 1)
             return None
         data = base64.b64decode(base64_text) if text is None else text.encode("utf-8")
-        found = re.search(rb'"channel_id"\s*:\s*"([^"\\]{1,64})"', data)
-        channel_id = found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
-        data = re.sub(rb"<password:registered>|<password:other:(\d{1,4})>",
-                      lambda match: self._password_text(
-                          _PLACEHOLDER_TEXT.match(match.group(0).decode()), channel_id).encode(),
-                      data)
+        channel_id = _channel_in(data)
+        data = _PASSWORD_PLACEHOLDER.sub(
+            lambda match: self._password_bytes(match.group(1), channel_id), data)
         return self._with_ids(data)
 
     def _with_ids(self, data):
