@@ -4745,6 +4745,30 @@ def test_a_recording_with_a_token_replays_in_process_with_one(capsys, tmp_path):
     assert (status, table, answered) == (0, [], [200, 401, 401])
 
 
+@LOCAL_ONLY
+def test_recording_is_the_journal_as_lines_and_a_long_compare_shows_progress(tmp_path):
+    path = tmp_path / "long.jsonl"
+    with open(path, "w", encoding="utf-8") as stream:
+        gw = eg.EventGateway(record=stream, max_requests=2000)
+        for _ in range(1001):
+            gw.handle("POST", eg.UPDATE, JSON_HEADERS, b"{}")
+    lines = gw.recording()
+    jsonl = gw.handle("GET", "/__admin/requests?format=jsonl&after=999", {}, None)
+    assert [json.loads(line) for line in jsonl[2].decode().splitlines()] == lines[999:]
+    assert dict(jsonl[1])["Content-Type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in read_text(path).splitlines()] == lines
+    assert gw.handle("GET", "/__admin/requests?format=csv", {}, None)[0] == 400
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    out, err = io.StringIO(), Terminal()
+    target = eg._InProcessTarget(eg.EventGateway())
+    assert eg.run_compare(str(path), target, out=out, err=err) == 0
+    assert "compare: line 1000 of 1001" in err.getvalue()
+    assert out.getvalue() == "compare: 1001 exchanges, 1001 agree, 0 stated, 0 unstated, 0 skipped\n"
+
+
 def test_the_judge_is_a_function_of_two_answers():
     ok = {"status": 200, "headers": {"content-type": "application/json"},
           "body": '{"success": true, "data": {"op_id": "%s", "event_id": "%s"}}' % (
