@@ -1092,6 +1092,16 @@ def test_paired_surrogate_escape_is_one_character(gw):
     assert gw.event(envelope["data"]["event_id"])["title"] == "\U0001F600"
 
 
+@LOCAL_ONLY
+@pytest.mark.parametrize("digits", [19, 4300, 4301, 10000])
+def test_any_content_length_is_refused_without_an_exception(gw, digits):
+    headers = dict(JSON_HEADERS, **{"Content-Length": "9" * digits})
+    answer = gw.check_head("POST", eg.CREATE, headers)
+    assert answer[0] == 413
+    assert eg._framing(None, "9" * digits) == (10 ** 18, False)
+    assert gw.internal_errors == []
+
+
 # -- Messages that help the person fixing a client -----------------------------------
 
 @pytest.mark.parametrize("headers, words", [
@@ -1275,50 +1285,6 @@ def test_admin_info_names_the_line_the_version_and_every_bound():
                        "rate_limit_per_ip": 60, "rate_limit_total": 1200},
             "store_bytes": 0}
     assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", eg.__version__)
-
-
-@LOCAL_ONLY
-def test_the_readmes_changelog_names_the_modules_version():
-    text = read_text(README)
-    changelog = text.split("## Changelog", 1)[1]
-    assert re.search(r"^### %s\b" % re.escape(eg.__version__), changelog, re.M)
-
-
-@LOCAL_ONLY
-def test_log_line_of_a_refusal_names_the_bodys_ids_and_the_note():
-    gw = make_gateway(log=io.StringIO())
-    post(gw, eg.CREATE, valid_body(eg.CREATE, status="x" * 30))
-    line = gw.log.getvalue().strip()
-    assert " 400 invalid_status: status is too long" in line
-    assert "(production 1.3 would accept this" in line
-    gw.log.truncate(0)
-    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-9", status="x" * 30))
-    line = gw.log.getvalue().strip()
-    assert "op_id=op-9" in line and "(production 1.3 refuses a client op_id" in line
-
-
-@LOCAL_ONLY
-def test_a_long_log_line_loses_its_middle_never_the_status_or_the_request_id():
-    gw = make_gateway(log=io.StringIO())
-    body = valid_body(eg.CREATE, op_id="o" * 128, **{"k%03d" % i: 1 for i in range(60)})
-    status, headers, _ = gw.handle("POST", "/event/create?" + "q" * 5000, JSON_HEADERS,
-                                   json.dumps(body).encode())
-    request_id = dict(headers)["X-Request-Id"]
-    gw.handle("POST", "/" + "p" * 3000, JSON_HEADERS, b"{}")
-    first, second = gw.log.getvalue().splitlines()
-    assert len(first) <= eg.MAX_LOG_LINE_CHARS and len(second) <= eg.MAX_LOG_LINE_CHARS
-    assert " 200 " in first and first.endswith("ms " + request_id) and "..." in first
-    assert re.search(r"/p+\.\.\.p+ 404 route_not_found", second)
-    assert re.search(r" [0-9.]+ms [0-9a-f]{32}$", second)
-
-
-@LOCAL_ONLY
-def test_path_filter_must_start_with_a_slash():
-    gw = make_gateway()
-    assert_error(call(gw, "GET", "/__admin/requests?path=event/create"), 400, "invalid_filter",
-                 "start with /")
-    with pytest.raises(eg.GatewayError, match="start with /"):
-        gw.requests(path="event/create")
 
 
 def test_request_ids_differ(gw):
@@ -2476,16 +2442,6 @@ def test_faults_are_bounded_and_a_miss_costs_no_scan(gw, monkeypatch):
     assert post(gw, eg.CLOSE, {})[0] == 503 and scans == [eg.CLOSE]
 
 
-@LOCAL_ONLY
-@pytest.mark.parametrize("digits", [19, 4300, 4301, 10000])
-def test_any_content_length_is_refused_without_an_exception(gw, digits):
-    headers = dict(JSON_HEADERS, **{"Content-Length": "9" * digits})
-    answer = gw.check_head("POST", eg.CREATE, headers)
-    assert answer[0] == 413
-    assert eg._framing(None, "9" * digits) == (10 ** 18, False)
-    assert gw.internal_errors == []
-
-
 # 8. Test-support routes ###########################################################
 
 @LOCAL_ONLY
@@ -2695,6 +2651,15 @@ def test_invalid_fault(gw, fault):
 
 
 # -- Request journal -----------------------------------------------------------------
+
+@LOCAL_ONLY
+def test_path_filter_must_start_with_a_slash():
+    gw = make_gateway()
+    assert_error(call(gw, "GET", "/__admin/requests?path=event/create"), 400, "invalid_filter",
+                 "start with /")
+    with pytest.raises(eg.GatewayError, match="start with /"):
+        gw.requests(path="event/create")
+
 
 @LOCAL_ONLY
 def test_journal_entry_of_a_create(gw):
@@ -3697,6 +3662,41 @@ def test_accept_backs_off_when_out_of_descriptors(monkeypatch):
 
 
 # 9. Running it: the command line ##################################################
+
+@LOCAL_ONLY
+def test_the_readmes_changelog_names_the_modules_version():
+    text = read_text(README)
+    changelog = text.split("## Changelog", 1)[1]
+    assert re.search(r"^### %s\b" % re.escape(eg.__version__), changelog, re.M)
+
+
+@LOCAL_ONLY
+def test_log_line_of_a_refusal_names_the_bodys_ids_and_the_note():
+    gw = make_gateway(log=io.StringIO())
+    post(gw, eg.CREATE, valid_body(eg.CREATE, status="x" * 30))
+    line = gw.log.getvalue().strip()
+    assert " 400 invalid_status: status is too long" in line
+    assert "(production 1.3 would accept this" in line
+    gw.log.truncate(0)
+    post(gw, eg.CREATE, valid_body(eg.CREATE, op_id="op-9", status="x" * 30))
+    line = gw.log.getvalue().strip()
+    assert "op_id=op-9" in line and "(production 1.3 refuses a client op_id" in line
+
+
+@LOCAL_ONLY
+def test_a_long_log_line_loses_its_middle_never_the_status_or_the_request_id():
+    gw = make_gateway(log=io.StringIO())
+    body = valid_body(eg.CREATE, op_id="o" * 128, **{"k%03d" % i: 1 for i in range(60)})
+    status, headers, _ = gw.handle("POST", "/event/create?" + "q" * 5000, JSON_HEADERS,
+                                   json.dumps(body).encode())
+    request_id = dict(headers)["X-Request-Id"]
+    gw.handle("POST", "/" + "p" * 3000, JSON_HEADERS, b"{}")
+    first, second = gw.log.getvalue().splitlines()
+    assert len(first) <= eg.MAX_LOG_LINE_CHARS and len(second) <= eg.MAX_LOG_LINE_CHARS
+    assert " 200 " in first and first.endswith("ms " + request_id) and "..." in first
+    assert re.search(r"/p+\.\.\.p+ 404 route_not_found", second)
+    assert re.search(r" [0-9.]+ms [0-9a-f]{32}$", second)
+
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "event_gateway.py")
 
