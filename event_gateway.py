@@ -1860,6 +1860,12 @@ def _masked_headers(headers):
             for name, value in headers.items()}
 
 
+def _holds_a_secret(key):
+    """A top-level body key whose value is masked (journal) or replaced (recording):
+    password, and any key the event routes do not know (a mistyped "pasword")."""
+    return key == "password" or key not in EVENT_FIELDS
+
+
 def _masked_body(body):
     """The body as the journal shows it: a JSON object with its secrets masked, or None."""
     if not body:
@@ -1868,7 +1874,7 @@ def _masked_body(body):
         doc = parse_json_body(body, _SHOWN_DECODERS)
     except GatewayError:
         return None
-    return {key: MASK if key == "password" or key not in EVENT_FIELDS else value
+    return {key: MASK if _holds_a_secret(key) else value
             for key, value in doc.items()}
 
 
@@ -4225,26 +4231,24 @@ def serve_in_thread(gateway=None, host=DEFAULT_HOST, port=0, idle_timeout=IDLE_T
 #
 # No secret is written, in any form: a channel password and the gateway token
 # are replaced where they stood by a placeholder that keeps what the answer
-# depended on (PLACEHOLDERS).  In a body, the top-level "password" and every
-# top-level key the event routes do not know (a mistyped "pasword" holds a
-# password too) are replaced when their value is a string; in a body that did
-# not parse, every "key": "string" pair with such a key is.  A placeholder keeps
-# the breakage of what it replaced: a secret with a byte that is not UTF-8 is
-# followed by one such byte, so the replay fails where the original failed.
+# depended on: "<password:registered>" (it was the channel's password),
+# "<password:other:N>" (it was not; N its UTF-8 bytes after trimming, and a
+# replay sends N ASCII characters), "Bearer <token:valid>" or "Bearer
+# <token:invalid>" ("<token:invalid>" alone without a scheme) when the gateway
+# had a token, and "<token:unchecked>" when it had none.  In a body, the
+# top-level "password" and every top-level key the event routes do not know
+# (_holds_a_secret: a mistyped "pasword" holds a password too) are replaced when
+# their value is a string; in a body that did not parse, every "key": "string"
+# pair with such a key is, and any registered password or the token found
+# anywhere else.  A placeholder keeps the breakage of what it replaced (a byte
+# that is not UTF-8, a bad or lone surrogate escape), so the replay fails where
+# the original failed.
 
 RECORDING_FORMAT = 1
 RECORDED_REQUEST_HEADERS = ("content-type", "content-length", "accept-language",
                             "authorization", "origin", "sec-fetch-site", "host", "expect")
 RECORDED_ANSWER_HEADERS = ("content-type", "content-language", "allow", "retry-after",
                            "www-authenticate", "x-request-id")
-PLACEHOLDERS = MappingProxyType({
-    "<password:registered>": "the channel's registered password",
-    "<password:other:N>": "another value, N its UTF-8 bytes after trimming (a replay sends "
-                          "N ASCII characters)",
-    "<token:valid>": "the gateway token (after 'Bearer ')",
-    "<token:invalid>": "a value that was not the token",
-    "<token:unchecked>": "any Authorization value of a gateway without a token",
-})
 _PASSWORD_PLACEHOLDER = re.compile(rb"<password:registered>|<password:other:(\d{1,4})>")
 # A "key": "string" pair in a body's bytes; the string may run to the end (cut short).
 _VALUE_STRING = rb'"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)("|$)'
@@ -4296,13 +4300,15 @@ def _password_placeholder(raw, registered):
 
 def _is_secret_key(raw_key):
     key = _json_string(raw_key)
-    key = raw_key.decode("utf-8", "replace") if key is None else key
-    return key == "password" or key not in EVENT_FIELDS
+    return _holds_a_secret(raw_key.decode("utf-8", "replace") if key is None else key)
+
+
+_CHANNEL_ID_PAIR = re.compile(rb'"channel_id"\s*:\s*"([^"\\]{1,64})"')
 
 
 def _channel_in(body):
     """The canonical channel_id a body names, read without parsing it, or None."""
-    found = body and re.search(rb'"channel_id"\s*:\s*"([^"\\]{1,64})"', body)
+    found = body and _CHANNEL_ID_PAIR.search(body)
     return found and canonical_channel_id(found.group(1).decode("utf-8", "replace"))
 
 
@@ -4324,7 +4330,7 @@ def scrubbed_body(body, registered_password, doc=None, known_secrets=()):
             doc = None
     if doc is not None:
         secrets = {key: value for key, value in doc.items()
-                   if isinstance(value, str) and (key == "password" or key not in EVENT_FIELDS)}
+                   if isinstance(value, str) and _holds_a_secret(key)}
         if not secrets:
             return body
         channel_id = canonical_channel_id(doc.get("channel_id"))
@@ -4861,10 +4867,10 @@ class Replay:
             path = head + "/" + urllib.parse.quote(new)
         return path + sep + query
 
-    def follows_from(self, exchange):
-        """The seq of the exchange whose id this request names but the target never gave."""
+    def follows_from(self, exchange, doc):
+        """The seq of the exchange whose id this request (doc: its parsed body) names
+        but the target never gave."""
         names = [exchange["target"].split("?", 1)[0].rsplit("/", 1)[-1]]
-        doc = _parsed(exchange.get("body") or "")
         if isinstance(doc, dict):
             names += [doc.get("event_id"), doc.get("op_id")]
         for name in names:
@@ -4888,14 +4894,14 @@ class Replay:
             headers[name] = value
         return headers
 
-    def learn(self, exchange, answered, seq):
-        """Ids the recording's gateway generated, mapped to the target's."""
+    def learn(self, exchange, answered, seq, body):
+        """Ids the recording's gateway generated (body: the request's, parsed), mapped
+        to the target's."""
         recorded = _parsed(exchange["answer"]["body"])
         if not (isinstance(recorded, dict) and isinstance(recorded.get("data"), dict)):
             return
         theirs = _parsed(answered["body"]) if answered is not None else None
         theirs = theirs.get("data") if isinstance(theirs, dict) else None
-        body = _parsed(exchange.get("body") or "")
         sent_op_id = body.get("op_id") if isinstance(body, dict) else None
         for key in ("event_id", "op_id"):
             value = recorded["data"].get(key)
@@ -4973,7 +4979,8 @@ def _judged(state, target, exchange, verdicts, sleep):
             answered = None             # still limited after 3 minutes: no answer
             break
         _wait_for_next_minute(sleep=sleep)      # the target's rate limit: not a disagreement
-    state.learn(exchange, answered, seq)
+    sent = _parsed(exchange.get("body") or "")         # the recorded request, parsed once
+    state.learn(exchange, answered, seq, sent)
     if answered is not None and target.line is None:
         target.line = _line_of_success(answered)
     if answered is not None:
@@ -4982,7 +4989,7 @@ def _judged(state, target, exchange, verdicts, sleep):
     if kind is None:
         return result
     result["kind"] = kind
-    follows = state.follows_from(exchange)
+    follows = state.follows_from(exchange, sent)
     if follows is not None and follows in verdicts:
         result["follows_from"] = follows
         result["verdict"], result["reason"] = verdicts[follows]
