@@ -35,7 +35,7 @@ production lines differ (1.2 and 1.3: --gateway-version), the steps read the
 line's record in LINES:
 
  1. Unknown path: 404 route_not_found (no token needed to learn this).  The
-    routes of one line only (LINE_ROUTES) are unknown paths in the other.
+    routes of one line only (ROUTES' line_field) are unknown paths in the other.
  1a. Local safety, on the page and /__admin/ only: a Host that is not an IP
     literal, localhost, *.localhost or an allowed name: 403 host_not_allowed
     (DNS rebinding); under /__admin/, a request another web site made a
@@ -129,14 +129,14 @@ from types import MappingProxyType
 
 __all__ = ["EventGateway", "GatewayError", "LINES", "make_server", "serve_in_thread", "main"]
 
-# What changed for users in each version: the README's changelog.
+# A change that a client sees changes this version (semantic versioning).
 __version__ = "3.1.0"
 
 
 # Limits and defaults ###########################################################
 #
-# "prod" marks a figure carried over from the production gateway (v1.2.9), "the
-# page" one from the public API page; the rest are this gateway's own.
+# "prod" marks a figure that both production lines share (LINES: 1.2 and 1.3),
+# "the page" one from the public API page; the rest are this gateway's own.
 
 MAX_BODY_BYTES = 32768        # step 5 (prod): larger bodies get 413 before being read
 MAX_JSON_DEPTH = 32           # step 6: objects and arrays each count; the top-level object is 1
@@ -177,7 +177,7 @@ MAX_CHUNK_LINE_BYTES = 1024   # longest chunk-size line of a chunked body we rea
 MAX_HEAD_LINE_BYTES = 65536   # longest request line or header line (the stdlib's limit: 414, 431)
 MAX_HEADER_LINES = 100        # most header lines in one request (the stdlib's limit: 431)
 MAX_HEAD_BYTES = 131072       # all header lines of one request together (431), so that the
-                              # journal's worst case is bounded (README, "Limits")
+                              # journal's worst case is bounded (Request journal)
 MAX_LOG_LINE_CHARS = 400      # one request's log line is cut to this length
 # Chrome and Firefox refuse to load pages from these ports (ERR_UNSAFE_PORT), prod's
 # default 6666 among them (IRC's ports): the start-up line says so, for the live page.
@@ -239,6 +239,24 @@ _CANONICAL_CHANNEL_ID = re.compile("[%s]{%d}[%s]" % (
 # record; the steps read self.line.<field> and never test the version itself.
 # A reader compares the lines by reading the two rows of LINES.
 
+# The page's rules that production 1.3 no longer checks (its source no longer
+# checks status, message and severity for presence, length or value, nor tags,
+# images and attrs, takes images/attrs null as absent, and ignores started_at on
+# update and close), by the code this gateway still refuses with, and what the
+# journal's note names.  Line 1.3's lenient_codes are this table's codes.
+LENIENT_RULES_1_3 = MappingProxyType({
+    "invalid_status": "status", "invalid_message": "message", "invalid_severity": "severity",
+    "invalid_tags": "tags", "invalid_images": "images", "invalid_attrs": "attrs",
+    "extension_object_arrays_unsupported": "attrs",
+    "extension_object_nested_object_unsupported": "attrs",
+    "extension_object_key_required": "attrs",
+    "started_at_forbidden_on_close": "started_at on close (it ignores it)",
+    "event_temporal_fields_forbidden_on_update": "started_at on update (it ignores it)",
+    "event_create_required_fields_missing": "status, message and severity for presence",
+    "event_update_required_fields_missing": "status, message and severity for presence",
+})
+
+
 Line = collections.namedtuple("Line", (
     "name",                  # "1.2" or "1.3"
     "releases",              # the production releases the line stands for
@@ -283,15 +301,7 @@ LINES = MappingProxyType({
         locales=("en", "zh-CN", "zh-TW"),
         rate_limit=(RATE_LIMIT_PER_IP, RATE_LIMIT_TOTAL),
         refuse_null_ended_at=True,         # prod 1.3 refuses the key whatever its value
-        # prod 1.3's source no longer checks status, message and severity (presence,
-        # length, value), tags, images and attrs, takes images/attrs null as absent
-        # and ignores started_at on update and close: the page still documents them.
-        lenient_codes=frozenset({
-            "invalid_status", "invalid_message", "invalid_severity", "invalid_tags",
-            "invalid_images", "invalid_attrs", "extension_object_arrays_unsupported",
-            "extension_object_nested_object_unsupported", "extension_object_key_required",
-            "started_at_forbidden_on_close", "event_temporal_fields_forbidden_on_update",
-            "event_create_required_fields_missing", "event_update_required_fields_missing"}),
+        lenient_codes=frozenset(LENIENT_RULES_1_3),
         # prod 1.3's event normalisation refuses a client op_id (400 op_id_not_allowed);
         # the page documents op_id as the client's idempotency key.
         refuses_client_op_id=True,
@@ -300,9 +310,71 @@ LINES = MappingProxyType({
 DEFAULT_LINE = "1.3"
 
 
+def _lenient_rule(code, doc):
+    """What the line's production would not have checked in this refusal, or None
+    when it would have refused the request too."""
+    if code.endswith("_required_fields_missing"):
+        if _is_blank(doc.get("event_time")):
+            return None                     # production refuses a missing event_time
+        if code.startswith("event_update") or not _is_blank(doc.get("title")):
+            return LENIENT_RULES_1_3[code]     # only status, message or severity are missing
+        return None
+    if code == "event_temporal_fields_forbidden_on_update" and "ended_at" in doc:
+        return None                         # ended_at is refused by production too
+    return LENIENT_RULES_1_3[code]
+
+
+# Why production 1.3 would refuse a request, by the arguments _RateCounter.over() gives.
+RATE_LIMIT_REASONS = MappingProxyType({
+    2: "over %d requests from %s this minute",      # (the per-IP count, the client)
+    1: "over %d requests in all this minute",        # (the total count,)
+})
+
+
+class _RateCounter:
+    """Production 1.3's rate limit (step 2a): requests per client IP and in all,
+    per calendar minute (Unix seconds // 60).  A request over either count is
+    refused by production and not counted.  One counter per client IP seen this
+    minute, all dropped when the minute turns: O(1) per request, and bounded by
+    the clients of one minute."""
+
+    def __init__(self, per_ip, total):
+        self.per_ip, self.total = per_ip, total
+        self._lock = threading.Lock()
+        self._minute = None
+        self._by_ip = {}
+        self._all = 0
+        self._notes = {}        # client -> its note this minute, made once, not per request
+
+    def over(self, client, now_ms):
+        """Count one request; None, or why production would refuse it (not counted),
+        as a note of the journal: ("rate_limit", the arguments of a
+        RATE_LIMIT_REASONS sentence)."""
+        minute = now_ms // 60000
+        with self._lock:
+            if minute != self._minute:
+                self._minute, self._by_ip, self._all, self._notes = minute, {}, 0, {}
+            from_ip = self._by_ip.get(client, 0)
+            if from_ip >= self.per_ip:
+                note = self._notes.get(client)
+                if note is None:
+                    note = self._notes[client] = ("rate_limit", self.per_ip,
+                                                  client or "this client")
+                return note
+            if self._all >= self.total:
+                return ("rate_limit", self.total)
+            self._by_ip[client] = from_ip + 1
+            self._all += 1
+            return None
+
+    def clear(self):
+        with self._lock:
+            self._minute, self._by_ip, self._all = None, {}, 0
+
+
 # Where two gateways may answer the same request differently, and this contract
 # says so: the reasons `compare` gives a disagreement (the section "Comparing with
-# another gateway" judges; the README's table of differences shows these rows).
+# another gateway" judges them).
 # A reason explains a disagreement when each condition it sets holds:
 #   across_lines  the recording's line and the target's differ (rows V1-V9 above);
 #   target_line   the target answers as this line;
@@ -432,7 +504,7 @@ ERRORS = MappingProxyType({
     "server_busy": 503,                                  # injected faults only
     "too_many_channels": 409,                            # MAX_CHANNELS (test-support routes)
     "too_many_faults": 409,                              # MAX_FAULTS (test-support routes)
-    # This gateway's own codes (README, "contract"): admin input and broken HTTP framing.
+    # This gateway's own codes: the test-support routes' input and broken HTTP framing.
     "invalid_fault": 400,
     "invalid_filter": 400,
     "bad_request": 400,
@@ -587,6 +659,85 @@ def _must_be(field, what):
 
 def _required(fields):
     return "missing required field%s: %s" % ("s" if len(fields) > 1 else "", ", ".join(fields))
+
+
+# The envelope #################################################################
+#
+# Every answer of the event routes and the test-support routes is JSON in
+# production's envelope: a success is {"success": true, "data": ...}; an error
+# {"success": false, "error", "error_code", "problem"}, problem in the
+# client's locale.  Both are made from templates built once, at import.
+
+def _success_body(data):
+    """A success envelope, as bytes: exactly "success" and "data"."""
+    return json.dumps({"success": True, "data": data}).encode()
+
+
+def _success_templates(line):
+    """The two templates of an accepted dispatch's answer in line: (with a thing,
+    without).  Every value in them is an id that its rule limits to A-Z a-z 0-9
+    _ : -, characters JSON never escapes, so formatting the ids into json.dumps'
+    own output gives json.dumps' bytes.  Production leaves a null thing_id out."""
+    with_thing = {key: True if key == "accepted" else "%s" for key in line.success_keys}
+    without = {key: value for key, value in with_thing.items() if key != "thing_id"}
+    return _success_body(with_thing).decode(), _success_body(without).decode()
+
+
+# The ids an answer's templates take, in the order of their "%s": picked out of
+# (channel_id, op_id, event_id, thing_id) in one step.  Every line's answer names
+# two ids or more, so an itemgetter always gives a tuple.
+_ANSWER_IDS = ("channel_id", "op_id", "event_id", "thing_id")
+
+
+def _success_template_ids(line):
+    """(with a thing, without): the ids each of the line's templates takes, as getters."""
+    keys = [key for key in line.success_keys if key in _ANSWER_IDS]
+    return tuple(operator.itemgetter(*map(_ANSWER_IDS.index, chosen))
+                 for chosen in (keys, [key for key in keys if key != "thing_id"]))
+
+
+def _locale(accept_language, locales):
+    """The answer's locale for an Accept-Language header: its parts split on ",",
+    weights ignored, the first part that names one of locales (LOCALE_WHOLE,
+    LOCALE_PREFIXES) wins; none -> en."""
+    for part in (accept_language or "").split(","):
+        tag = part.split(";", 1)[0].strip(OWS).lower()
+        named = LOCALE_WHOLE.get(tag)
+        if named is None:
+            named = next((locale for locale, starts in LOCALE_PREFIXES
+                          if tag.startswith(starts)), None)
+        if named in locales:
+            return named
+    return "en"
+
+
+def _error_template(code, status, locale):
+    """The error envelope of code at status in locale as a %-template of (message,
+    status, message, request_id part): everything but those is fixed, so it is made once."""
+    category, retryable = _PROBLEM_OF[code, status]
+    sentences = PROBLEM_SENTENCES.get(code) or PROBLEM_SENTENCES[category]
+
+    def fixed(value):
+        return json.dumps(value, ensure_ascii=False).replace("%", "%%")
+    return ('{"success": false, "error": %%s, "error_code": %s, "problem": {"code": %s, '
+            '"category": %s, "status": %%d, "title": %s, "detail": %%s, '
+            '"localized_message": %s, "locale": %s, "retryable": %s%%s}}' % (
+                fixed(code), fixed(code), fixed(category),
+                fixed(PROBLEM_TITLES[category][locale]), fixed(sentences[locale]),
+                fixed(locale), "true" if retryable else "false"))
+
+
+# Made once, at import: every code at each of its statuses, in every locale.
+_ERROR_TEMPLATES = MappingProxyType({
+    (code, status, locale): _error_template(code, status, locale)
+    for code, status in _PROBLEM_OF for locale in PROBLEM_TITLES["validation"]})
+
+
+def _error_body(code, message, status, locale="en", request_id=None):
+    """The error envelope, as bytes: success, error, error_code and problem (no data)."""
+    text = json.dumps(message, ensure_ascii=False)
+    request_part = "" if request_id is None else ', "request_id": "%s"' % request_id
+    return (_ERROR_TEMPLATES[code, status, locale] % (text, status, text, request_part)).encode()
 
 
 # Strict JSON and small helpers #################################################
@@ -788,6 +939,23 @@ def _same_secret(given, expected):
     """Constant-time comparison of two strings (steps 2 and 10)."""
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
                                expected.encode("utf-8", "surrogatepass"))
+
+
+def _cut(text, most):
+    """text in at most most characters: a longer one loses its middle."""
+    if len(text) <= most:
+        return text
+    half = (most - 3) // 2
+    return text[:most - 3 - half] + "..." + text[len(text) - half:]
+
+
+def _printable(text):
+    """Text safe to write on one log line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _text_or_none(value):
+    return value if isinstance(value, str) and value else None
 
 
 # Field rules ###################################################################
@@ -1105,6 +1273,40 @@ BUSINESS_FIELDS = ("title", "description", "status", "message", "severity",
 DISPATCH_FIELDS = BUSINESS_FIELDS + ("ciphertext",)
 
 
+# Step 8: a field no rule knows is named in the refusal, with the known field a
+# typing mistake most likely meant.
+
+def _close_name(name, known):
+    """The known field a mistyped one most likely meant (eventTime: event_time), or None."""
+    squashed = {key.replace("_", ""): key for key in known}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key in squashed:
+        return squashed[key]
+    match = difflib.get_close_matches(name.lower(), sorted(known), n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+def _named_unknown(unknown, known):
+    """Unknown field names as a message names them: sorted, quoted, the first ten
+    each with a close known name if there is one."""
+    names = []
+    for name in sorted(unknown)[:10]:
+        hint = _close_name(name, known)
+        names.append("`%s`%s" % (_printable(name[:64]), " (did you mean `%s`?)" % hint if hint else ""))
+    if len(unknown) > 10:
+        names.append("and %d more" % (len(unknown) - 10))
+    return ", ".join(names)
+
+
+def _reject_unknown(doc, known):
+    """Step 8: every unknown field named, sorted, each with a close known name if any."""
+    unknown = doc.keys() - known
+    if unknown:
+        raise GatewayError("invalid_json_data", "unknown field%s %s; remove %s" % (
+            "s" if len(unknown) > 1 else "", _named_unknown(unknown, known),
+            "them" if len(unknown) > 1 else "it"))
+
+
 # Routes ########################################################################
 
 CREATE, UPDATE, CLOSE = "/event/create", "/event/update", "/event/close"
@@ -1130,77 +1332,81 @@ REQUIRED_FIELDS = MappingProxyType({
 ADMIN_PREFIX = "/__admin/"
 THING_PREFIX = "/thing/"
 
+# The route table: one row per route, read by every step that asks of a route.
+#   path        a {name} is one path segment, percent-decoded, checked by its field rule
+#   methods     {method: the EventGateway method that answers it}; GET brings HEAD
+#   allow       step 3: the Allow header of its 405
+#   action      the event route it is (a thing-scoped route is its action's), or None
+#   line_field  the Line field that serves a route of one production line only, or
+#               None (both lines); in the other line it is an unknown path (step 1)
+#   guard       step 1a: "host" (only this machine's names may reach it), "site" (and
+#               never a request another web site made a browser send), or None
+#   public      step 2: answered without the gateway token
+#   json_body   step 4: a POST takes a JSON body (a body sent to the others is read,
+#               up to step 5's limit, and ignored)
+#   journaled   kept by the request journal and a recording (watching the gateway and
+#               probing it must not fill them)
+# The /__admin/ routes are test support, not part of the PushGo API.
+Route = collections.namedtuple("Route", (
+    "path", "methods", "allow", "action", "line_field", "guard", "public", "json_body",
+    "journaled"))
 
-def _with_head(methods):
-    """Every route that takes GET takes HEAD: the same status and headers, no body."""
+
+def _route(path, methods, line_field=None, guard=None, public=False, json_body=True,
+           journaled=True):
     if "GET" in methods:
         methods = dict(methods, HEAD=methods["GET"])
-    return MappingProxyType(methods)
+    action = path[path.index("/event/"):] if "/event/" in path else None
+    return Route(path, MappingProxyType(methods), ", ".join(sorted(methods)), action,
+                 line_field, guard, public, json_body, journaled)
 
 
-# Path -> {method: name of the EventGateway method that answers it}.  A {name}
-# is one path segment, percent-decoded and checked by its field rule.  The
-# /__admin/ routes are test support, not part of the PushGo API.
-ROUTES = MappingProxyType({path: _with_head(methods) for path, methods in {
-    CREATE: {"POST": "_route_event_create"},
-    UPDATE: {"POST": "_route_event_update"},
-    CLOSE: {"POST": "_route_event_close"},
-    THING_PREFIX + "{thing_id}" + CREATE: {"POST": "_route_event_create"},
-    THING_PREFIX + "{thing_id}" + UPDATE: {"POST": "_route_event_update"},
-    THING_PREFIX + "{thing_id}" + CLOSE: {"POST": "_route_event_close"},
-    "/send_status/{op_id}": {"GET": "_route_send_status"},
-    "/healthz": {"GET": "_route_healthz"},
-    "/readyz": {"GET": "_route_healthz"},
-    "/": {"GET": "_route_page"},
-    "/favicon.ico": {"GET": "_route_favicon"},
-    "/__admin/events": {"GET": "_route_admin_events_get", "DELETE": "_route_admin_events_delete"},
-    "/__admin/events/{event_id}": {"GET": "_route_admin_event_get"},
-    "/__admin/requests": {"GET": "_route_admin_requests_get",
-                          "DELETE": "_route_admin_requests_delete"},
-    "/__admin/reset": {"POST": "_route_admin_reset"},
-    "/__admin/channels": {"GET": "_route_admin_channels_get", "POST": "_route_admin_channels_post"},
-    "/__admin/faults": {"GET": "_route_admin_faults_get", "POST": "_route_admin_faults_post",
-                        "DELETE": "_route_admin_faults_delete"},
-    "/__admin/send_status/{op_id}": {"POST": "_route_admin_send_status"},
-    "/__admin/info": {"GET": "_route_admin_info"},
-    "/__admin/openapi.json": {"GET": "_route_admin_openapi"},
-}.items()})
-_ALLOW = MappingProxyType({path: ", ".join(sorted(methods)) for path, methods in ROUTES.items()})
-
-# Routes that only one production line has (section "Production lines"): the
-# Line field that serves them.  In the other line they are unknown paths (step 1).
-LINE_ROUTES = MappingProxyType({
-    THING_PREFIX + "{thing_id}" + CREATE: "thing_routes",
-    THING_PREFIX + "{thing_id}" + UPDATE: "thing_routes",
-    THING_PREFIX + "{thing_id}" + CLOSE: "thing_routes",
-    "/send_status/{op_id}": "send_status_route",
-})
+_TEST_SUPPORT = {"guard": "site", "journaled": False}
+ROUTES = MappingProxyType({row.path: row for row in (
+    _route(CREATE, {"POST": "_route_event_create"}),
+    _route(UPDATE, {"POST": "_route_event_update"}),
+    _route(CLOSE, {"POST": "_route_event_close"}),
+    _route(THING_PREFIX + "{thing_id}" + CREATE, {"POST": "_route_event_create"},
+           line_field="thing_routes"),
+    _route(THING_PREFIX + "{thing_id}" + UPDATE, {"POST": "_route_event_update"},
+           line_field="thing_routes"),
+    _route(THING_PREFIX + "{thing_id}" + CLOSE, {"POST": "_route_event_close"},
+           line_field="thing_routes"),
+    _route("/send_status/{op_id}", {"GET": "_route_send_status"},
+           line_field="send_status_route"),
+    _route("/healthz", {"GET": "_route_healthz"}, public=True, journaled=False),
+    _route("/readyz", {"GET": "_route_healthz"}, public=True, journaled=False),
+    _route("/", {"GET": "_route_page"}, guard="host", public=True, journaled=False),
+    _route("/favicon.ico", {"GET": "_route_favicon"}, public=True, journaled=False),
+    _route("/__admin/events", {"GET": "_route_admin_events_get",
+                               "DELETE": "_route_admin_events_delete"}, **_TEST_SUPPORT),
+    _route("/__admin/events/{event_id}", {"GET": "_route_admin_event_get"}, **_TEST_SUPPORT),
+    _route("/__admin/requests", {"GET": "_route_admin_requests_get",
+                                 "DELETE": "_route_admin_requests_delete"}, **_TEST_SUPPORT),
+    _route("/__admin/reset", {"POST": "_route_admin_reset"}, json_body=False, **_TEST_SUPPORT),
+    _route("/__admin/channels", {"GET": "_route_admin_channels_get",
+                                 "POST": "_route_admin_channels_post"}, **_TEST_SUPPORT),
+    _route("/__admin/faults", {"GET": "_route_admin_faults_get",
+                               "POST": "_route_admin_faults_post",
+                               "DELETE": "_route_admin_faults_delete"}, **_TEST_SUPPORT),
+    _route("/__admin/send_status/{op_id}", {"POST": "_route_admin_send_status"},
+           **_TEST_SUPPORT),
+    _route("/__admin/info", {"GET": "_route_admin_info"}, **_TEST_SUPPORT),
+    _route("/__admin/openapi.json", {"GET": "_route_admin_openapi"}, **_TEST_SUPPORT),
+)})
 
 # The routes with a {segment}, as (what comes before it, route, what comes after).
 _SEGMENT_ROUTES = tuple((path.split("{", 1)[0], path, path.split("}", 1)[1])
                         for path in ROUTES if "{" in path)
 
-# The action of each event route: a thing-scoped route is its action's route.
-EVENT_ACTIONS = MappingProxyType({
-    path: path[path.index("/event/"):] for path in ROUTES if "/event/" in path})
 
+def _journaled(path, route):
+    """Whether the journal keeps a request to path (route: its row, or None when
+    step 1 did not find one): an unknown path is kept, but under /__admin/."""
+    if route is None:
+        route = ROUTES.get(path)        # broken HTTP is refused before it is routed
+    return route.journaled if route is not None else not path.startswith(ADMIN_PREFIX)
 
-# Step 1a: the routes that only this machine's names may reach, and only the
-# gateway's own page (or a client that is no web page) may use: the page and
-# the test-support routes.
-GUARDED_ROUTES = frozenset(path for path in ROUTES if path == "/" or path.startswith(ADMIN_PREFIX))
-
-# Step 2: liveness probes carry no secrets, the page's HTML holds no data, and a
-# browser sends no token for an icon: these never look at the gateway token.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
-
-# Step 4: every POST takes a JSON body but the reset, which takes none (a body sent
-# anyway is read, up to the limit of step 5, and ignored).
-BODYLESS_POSTS = frozenset({"/__admin/reset"})
-
-# The request journal records every answer but those to these, whatever the method:
-# watching the gateway and probing its readiness must not fill it.
-UNJOURNALED_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/readyz"})  # and ADMIN_PREFIX/...
 
 # The fields each admin POST takes, and the query parameters each admin list takes.
 ADMIN_CHANNEL_FIELDS = frozenset({"channel_id", "password"})
@@ -1211,7 +1417,68 @@ FAULT_DEFAULTS = MappingProxyType({"route": None, "kind": "status", "status": No
 EVENT_FILTERS = ("channel_id", "thing_id", "state", "wait_ms", "count")
 REQUEST_FILTERS = ("method", "path", "status", "error_code", "channel_id", "after", "wait_ms",
                    "count")
-DROPPED = "dropped"      # ?status=dropped: the requests whose connection was dropped unanswered
+STATUS_DROPPED = "dropped"  # ?status=dropped: the requests whose connection was dropped unanswered
+
+
+# Step 1: a request target's path, query and authority, and the route of a path.
+# Step 1a: the names that are this machine's.
+
+def _split_target(target):
+    """(path, query, authority or None) of a request target, in origin form or
+    absolute form (http://host:port/path?query, which a proxy-minded client may
+    send; its authority then stands for the Host header)."""
+    authority = None
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme.lower() in ("http", "https"):
+            start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+            authority, target = rest[:start], rest[start:]
+            target = target if target.startswith("/") else "/" + target
+    path, _, query = target.partition("?")
+    return path, query, authority
+
+
+_PORT = re.compile(r"(?::[0-9]*)?")
+
+
+def _host_name(host):
+    """The name a Host header (or an absolute-form authority) names: lower case,
+    without its port or a trailing dot; an IPv6 literal keeps its brackets.  None
+    for a malformed one."""
+    host = host.strip(OWS).lower()
+    if host.startswith("["):
+        literal, bracket, port = host.partition("]")
+        return literal + bracket if bracket and _PORT.fullmatch(port) else None
+    name, colon, port = host.partition(":")
+    if colon and not _PORT.fullmatch(colon + port):
+        return None
+    return name.rstrip(".")
+
+
+def _is_local_name(name):
+    """An IP address literal, localhost or a name under .localhost (section 1a):
+    names no DNS-rebinding site can make a browser send for the gateway."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
+    except ValueError:
+        return False
+    return True
+
+
+def _match_route(path, routes):
+    """(the row of path's route in routes, its percent-decoded {segment} or None),
+    or (None, None) for an unknown path.  An empty segment is an unknown path."""
+    route = routes.get(path)
+    if route is not None:
+        return route, None
+    for before, template, after in _SEGMENT_ROUTES:
+        if path.startswith(before) and path.endswith(after) and template in routes:
+            segment = path[len(before):len(path) - len(after)]
+            if segment and "/" not in segment:
+                return routes[template], urllib.parse.unquote(segment)
+    return None, None
 
 
 # Store #########################################################################
@@ -1268,7 +1535,7 @@ DROPPED = "dropped"      # ?status=dropped: the requests whose connection was dr
 EVENT_KEYS = ("event_id", "channel_id", "thing_id", "state", "title", "description", "status",
               "message", "severity", "tags", "images", "attrs", "started_at", "ended_at",
               "created_at", "updated_at", "history", "history_dropped", "stored_bytes")
-_CHANNEL, _THING, _STATE, _HISTORY, _DROPPED, _STORED = (EVENT_KEYS.index(key) for key in (
+_CHANNEL, _THING, _STATE, _HISTORY, _HISTORY_DROPPED, _STORED = (EVENT_KEYS.index(key) for key in (
     "channel_id", "thing_id", "state", "history", "history_dropped", "stored_bytes"))
 
 
@@ -1396,12 +1663,21 @@ def _send_status_view(dispatch, event_id):
 
 
 def _event_view(record):
-    """An event as the admin routes show it (README, "Test-support routes"), a copy."""
+    """An event as the test-support routes show it (GET /__admin/events), a copy."""
     view = _copy_json(_unpack(record))
     del view["stored_bytes"]                # the store's own accounting
     view["attrs"] = view["attrs"] or {}
     view["history"] = [_dispatch_view(dispatch) for dispatch in record[_HISTORY]]
     return view
+
+
+# Step 13: two requests with one op_id are the same request when their digests are equal.
+
+def _request_digest(route, path_thing, doc):
+    """What makes two requests "the same" for op_id replays: the action, the path's
+    thing (None on the plain routes) and the parsed body."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(("%s\n%s\n%s" % (route, path_thing, canonical)).encode("ascii")).digest()
 
 
 # An op_id the gateway generated: the request it names carried no op_id, so a
@@ -1457,7 +1733,8 @@ class EventStore:
         self.max_history = max_history
         self.max_store_bytes = max_store_mb * 1024 * 1024
         line = line or LINES[DEFAULT_LINE]
-        self.answers, self.picks = _dispatch_answers(line), _answer_picks(line)
+        self.success_templates = _success_templates(line)
+        self.template_ids = _success_template_ids(line)
         self.conflict_code = line.op_id_conflict
         self.new_op_id = _op_id_maker(line)
         self.lock = threading.Lock()
@@ -1547,9 +1824,9 @@ class EventStore:
             event_id = event["event_id"]
             ids = (channel_id, op_id, event_id, thing_id)
             if thing_id is None:
-                body = (self.answers[1] % self.picks[1](ids)).encode()
+                body = (self.success_templates[1] % self.template_ids[1](ids)).encode()
             else:
-                body = (self.answers[0] % self.picks[0](ids)).encode()
+                body = (self.success_templates[0] % self.template_ids[0](ids)).encode()
             if digest is None:
                 seq, ops[op_id] = None, _GENERATED_OP       # no request can replay it
             else:
@@ -1594,7 +1871,7 @@ class EventStore:
         kept = collections.deque()
         for event_id, number in self._after_creates:
             record = self._events.get(event_id)
-            if record is not None and number >= record[_DROPPED]:
+            if record is not None and number >= record[_HISTORY_DROPPED]:
                 kept.append((event_id, number))
         self._after_creates = kept
 
@@ -1640,14 +1917,14 @@ class EventStore:
         while self._after_creates:
             event_id, number = self._after_creates.popleft()
             record = self._events.get(event_id)
-            if record is None or number != record[_DROPPED]:
+            if record is None or number != record[_HISTORY_DROPPED]:
                 continue                    # dropped already, with its event or by max_history
             history = record[_HISTORY]
             dropped = history[1]
             del history[1]
             self._forget(self._ops.get(record[_CHANNEL], {}), dropped, event_id)
-            self._events[event_id] = (record[:_DROPPED] + (record[_DROPPED] + 1,)
-                                      + record[_DROPPED + 1:])
+            self._events[event_id] = (record[:_HISTORY_DROPPED] + (record[_HISTORY_DROPPED] + 1,)
+                                      + record[_HISTORY_DROPPED + 1:])
             return True
         return False
 
@@ -1728,7 +2005,7 @@ class EventStore:
             record = None if record is None else _frozen(record)
         return None if record is None else _event_view(record)
 
-    def matching(self, channel_id=None, thing_id=None, state=None):
+    def find(self, channel_id=None, thing_id=None, state=None):
         """The records that pass every given filter, oldest first, frozen."""
         with self.lock:
             return [_frozen(record) for record in self._events.values()
@@ -1736,82 +2013,10 @@ class EventStore:
                     and (thing_id is None or record[_THING] == thing_id)
                     and (state is None or record[_STATE] == state)]
 
-    def select(self, channel_id=None, thing_id=None, state=None):
+    def views(self, channel_id=None, thing_id=None, state=None):
         """The events that pass every given filter, oldest first, as views (built
         outside the lock)."""
-        return [_event_view(record) for record in self.matching(channel_id, thing_id, state)]
-
-
-def _success_body(data):
-    """A success envelope, as bytes: exactly "success" and "data"."""
-    return json.dumps({"success": True, "data": data}).encode()
-
-
-def _dispatch_answers(line):
-    """The two templates of an accepted dispatch's answer in line: (with a thing,
-    without).  Every value in them is an id that its rule limits to A-Z a-z 0-9
-    _ : -, characters JSON never escapes, so formatting the ids into json.dumps'
-    own output gives json.dumps' bytes.  Production leaves a null thing_id out."""
-    with_thing = {key: True if key == "accepted" else "%s" for key in line.success_keys}
-    without = {key: value for key, value in with_thing.items() if key != "thing_id"}
-    return _success_body(with_thing).decode(), _success_body(without).decode()
-
-
-# The ids an answer's templates take, in the order of their "%s": picked out of
-# (channel_id, op_id, event_id, thing_id) in one step.  Every line's answer names
-# two ids or more, so an itemgetter always gives a tuple.
-_ANSWER_IDS = ("channel_id", "op_id", "event_id", "thing_id")
-
-
-def _answer_picks(line):
-    """(with a thing, without): the ids each of the line's templates takes, as getters."""
-    keys = [key for key in line.success_keys if key in _ANSWER_IDS]
-    return tuple(operator.itemgetter(*map(_ANSWER_IDS.index, chosen))
-                 for chosen in (keys, [key for key in keys if key != "thing_id"]))
-
-
-def _locale(accept_language, locales):
-    """The answer's locale for an Accept-Language header: its parts split on ",",
-    weights ignored, the first part that names one of locales (LOCALE_WHOLE,
-    LOCALE_PREFIXES) wins; none -> en."""
-    for part in (accept_language or "").split(","):
-        tag = part.split(";", 1)[0].strip(OWS).lower()
-        named = LOCALE_WHOLE.get(tag)
-        if named is None:
-            named = next((locale for locale, starts in LOCALE_PREFIXES
-                          if tag.startswith(starts)), None)
-        if named in locales:
-            return named
-    return "en"
-
-
-def _error_template(code, status, locale):
-    """The error envelope of code at status in locale as a %-template of (message,
-    status, message, request_id part): everything but those is fixed, so it is made once."""
-    category, retryable = _PROBLEM_OF[code, status]
-    sentences = PROBLEM_SENTENCES.get(code) or PROBLEM_SENTENCES[category]
-
-    def fixed(value):
-        return json.dumps(value, ensure_ascii=False).replace("%", "%%")
-    return ('{"success": false, "error": %%s, "error_code": %s, "problem": {"code": %s, '
-            '"category": %s, "status": %%d, "title": %s, "detail": %%s, '
-            '"localized_message": %s, "locale": %s, "retryable": %s%%s}}' % (
-                fixed(code), fixed(code), fixed(category),
-                fixed(PROBLEM_TITLES[category][locale]), fixed(sentences[locale]),
-                fixed(locale), "true" if retryable else "false"))
-
-
-# Made once, at import: every code at each of its statuses, in every locale.
-_ERROR_TEMPLATES = MappingProxyType({
-    (code, status, locale): _error_template(code, status, locale)
-    for code, status in _PROBLEM_OF for locale in PROBLEM_TITLES["validation"]})
-
-
-def _error_body(code, message, status, locale="en", request_id=None):
-    """The error envelope, as bytes: success, error, error_code and problem (no data)."""
-    text = json.dumps(message, ensure_ascii=False)
-    request_part = "" if request_id is None else ', "request_id": "%s"' % request_id
-    return (_ERROR_TEMPLATES[code, status, locale] % (text, status, text, request_part)).encode()
+        return [_event_view(record) for record in self.find(channel_id, thing_id, state)]
 
 
 # Request journal ###############################################################
@@ -1958,12 +2163,12 @@ class RequestJournal:
                 changed.condition.notify_all()
             return changed.version
 
-    def matching(self, method=None, path=None, status=None, error_code=None, channel_id=None,
+    def find(self, method=None, path=None, status=None, error_code=None, channel_id=None,
                  after=None):
-        """The entries that pass every given filter (status DROPPED: no answer sent)."""
+        """The entries that pass every given filter (status STATUS_DROPPED: no answer sent)."""
         with self.changed.lock:
             entries = list(self._entries)
-        answered = None if status == DROPPED else status
+        answered = None if status == STATUS_DROPPED else status
         return [entry for entry in entries
                 if (method is None or entry[_J_METHOD] == method)
                 and (path is None or entry[_J_PATH] == path)
@@ -1977,6 +2182,82 @@ class RequestJournal:
             count = len(self._entries)
             self._entries.clear()
             return count
+
+
+# The filters of the test-support lists (GET /__admin/events and
+# /__admin/requests, and the Python methods events(), requests() and the
+# waits), checked the same way for HTTP and Python.
+
+def _whole_number(name, value, low, high, code="invalid_filter", text=False):
+    """A whole number from low to high (with text, also as decimal digits), or an error."""
+    if text and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise GatewayError(code, "%s must be a whole number from %d to %d" % (name, low, high))
+    return value
+
+
+def _channel_filter(value):
+    canonical = canonical_channel_id(value)
+    if canonical is None:
+        raise GatewayError("invalid_filter", "channel_id filter is not a channel id")
+    return canonical
+
+
+def _event_filters(channel_id=None, thing_id=None, state=None):
+    """The checks of GET /__admin/events' filters, for HTTP and Python alike."""
+    if state is not None and state not in ("ongoing", "closed"):
+        raise GatewayError("invalid_filter", "state filter must be ongoing or closed")
+    if thing_id is not None and not isinstance(thing_id, str):
+        raise GatewayError("invalid_filter", "thing_id filter must be a string")
+    return {"channel_id": None if channel_id is None else _channel_filter(channel_id),
+            "thing_id": thing_id, "state": state}
+
+
+def _request_filters(method=None, path=None, status=None, error_code=None, channel_id=None,
+                     after=None):
+    """The checks of GET /__admin/requests' filters, for HTTP and Python alike: a
+    filter that could match nothing is an error, not an empty list."""
+    for name, value in (("method", method), ("path", path), ("error_code", error_code)):
+        if value is not None and not isinstance(value, str):
+            raise GatewayError("invalid_filter", "%s filter must be a string" % name)
+    if path is not None and not path.startswith("/"):
+        raise GatewayError("invalid_filter", "path filter must start with / (a path such as "
+                           "/event/create); this one does not")
+    if method is not None and method != method.upper():
+        raise GatewayError("invalid_filter", "method filter is case-sensitive, as HTTP methods "
+                           "are: use %s" % _printable(method.upper()[:20]))
+    if error_code is not None and error_code not in ERRORS:
+        raise GatewayError("invalid_filter", "error_code filter is not a code this gateway "
+                           "answers (see its ERRORS table)")
+    if status is not None and status != STATUS_DROPPED:
+        status = _whole_number("status", status, 100, 599, text=True)
+    return {"method": method, "path": path, "error_code": error_code, "status": status,
+            "channel_id": None if channel_id is None else _channel_filter(channel_id),
+            "after": None if after is None else _whole_number("after", after, 0, 10 ** 18, text=True)}
+
+
+def _query(query, names):
+    """A query string as {name: value} of known names, or invalid_filter."""
+    params = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name not in names:
+            raise GatewayError("invalid_filter", "unknown query parameter `%s`; use %s"
+                               % (_printable(name[:64]), ", ".join(names)))
+        params[name] = value
+    return params
+
+
+def _shown_filters(filters):
+    given = ", ".join("%s=%s" % item for item in filters.items() if item[1] is not None)
+    return given or "no filter"
+
+
+def _wait_params(params):
+    """?wait_ms= and ?count= of an admin list, taken out of params."""
+    wait_ms = _whole_number("wait_ms", params.pop("wait_ms", "0"), 0, MAX_WAIT_MS, text=True)
+    count = _whole_number("count", params.pop("count", "1"), 1, MAX_WAIT_COUNT, text=True)
+    return wait_ms, count
 
 
 # Channels ######################################################################
@@ -2216,15 +2497,25 @@ class FaultQueue:
 
 
 # Sans-I/O core #################################################################
+#
+# EventGateway maps one request to one answer, with no socket: the HTTP shell
+# below moves the bytes, and tests call handle() directly.  The class reads as:
+# its settings and the embedding API (what a test calls in Python), then one
+# request's path through the processing order (a map opens that part), the
+# answer's bookkeeping, and last the routes that are not event routes.
 
-_CONTENT_LENGTH = re.compile(r"[0-9]+")
-_HTTP_VERSION = re.compile(r"HTTP/[0-9]+\.[0-9]+")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 token
+class LowerCaseHeaders(dict):
+    """Request headers whose names are lower-case already (the HTTP shell makes
+    them so as it reads them): handle() takes them as they are."""
+
 
 def _lower_headers(headers):
     """Header names lower-cased once; accepts a mapping or (name, value) pairs."""
     items = headers.items() if hasattr(headers, "items") else headers
-    return {name.lower(): value for name, value in items}
+    return LowerCaseHeaders((name.lower(), value) for name, value in items)
+
+
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
 
 
 def _length_value(digits):
@@ -2247,174 +2538,6 @@ def _declared_length(headers):
     return _length_value(declared) if _CONTENT_LENGTH.fullmatch(declared) else 0
 
 
-def _cut(text, most):
-    """text in at most most characters: a longer one loses its middle."""
-    if len(text) <= most:
-        return text
-    half = (most - 3) // 2
-    return text[:most - 3 - half] + "..." + text[len(text) - half:]
-
-
-def _printable(text):
-    """Text safe to write on one log line."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
-def _split_target(target):
-    """(path, query, authority or None) of a request target, in origin form or
-    absolute form (http://host:port/path?query, which a proxy-minded client may
-    send; its authority then stands for the Host header)."""
-    authority = None
-    if not target.startswith("/"):
-        scheme, sep, rest = target.partition("://")
-        if sep and scheme.lower() in ("http", "https"):
-            start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-            authority, target = rest[:start], rest[start:]
-            target = target if target.startswith("/") else "/" + target
-    path, _, query = target.partition("?")
-    return path, query, authority
-
-
-_PORT = re.compile(r"(?::[0-9]*)?")
-
-
-def _host_name(host):
-    """The name a Host header (or an absolute-form authority) names: lower case,
-    without its port or a trailing dot; an IPv6 literal keeps its brackets.  None
-    for a malformed one."""
-    host = host.strip(OWS).lower()
-    if host.startswith("["):
-        literal, bracket, port = host.partition("]")
-        return literal + bracket if bracket and _PORT.fullmatch(port) else None
-    name, colon, port = host.partition(":")
-    if colon and not _PORT.fullmatch(colon + port):
-        return None
-    return name.rstrip(".")
-
-
-def _is_local_name(name):
-    """An IP address literal, localhost or a name under .localhost (section 1a):
-    names no DNS-rebinding site can make a browser send for the gateway."""
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
-    except ValueError:
-        return False
-    return True
-
-
-def _match_route(path, routes):
-    """(route, its percent-decoded {segment} or None) of a path, or (None, None) for
-    an unknown path.  An empty segment is an unknown path."""
-    if path in routes:
-        return path, None
-    for before, route, after in _SEGMENT_ROUTES:
-        if path.startswith(before) and path.endswith(after) and route in routes:
-            segment = path[len(before):len(path) - len(after)]
-            if segment and "/" not in segment:
-                return route, urllib.parse.unquote(segment)
-    return None, None
-
-
-def _request_digest(route, path_thing, doc):
-    """What makes two requests "the same" for op_id replays: the action, the path's
-    thing (None on the plain routes) and the parsed body."""
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(("%s\n%s\n%s" % (route, path_thing, canonical)).encode("ascii")).digest()
-
-
-def _close_name(name, known):
-    """The known field a mistyped one most likely meant (eventTime: event_time), or None."""
-    squashed = {key.replace("_", ""): key for key in known}
-    key = name.lower().replace("_", "").replace("-", "")
-    if key in squashed:
-        return squashed[key]
-    match = difflib.get_close_matches(name.lower(), sorted(known), n=1, cutoff=0.75)
-    return match[0] if match else None
-
-
-def _named_unknown(unknown, known):
-    """Unknown field names as a message names them: sorted, quoted, the first ten
-    each with a close known name if there is one."""
-    names = []
-    for name in sorted(unknown)[:10]:
-        hint = _close_name(name, known)
-        names.append("`%s`%s" % (_printable(name[:64]), " (did you mean `%s`?)" % hint if hint else ""))
-    if len(unknown) > 10:
-        names.append("and %d more" % (len(unknown) - 10))
-    return ", ".join(names)
-
-
-def _reject_unknown(doc, known):
-    """Step 8: every unknown field named, sorted, each with a close known name if any."""
-    unknown = doc.keys() - known
-    if unknown:
-        raise GatewayError("invalid_json_data", "unknown field%s %s; remove %s" % (
-            "s" if len(unknown) > 1 else "", _named_unknown(unknown, known),
-            "them" if len(unknown) > 1 else "it"))
-
-
-def _whole_number(name, value, low, high, code="invalid_filter", text=False):
-    """A whole number from low to high (with text, also as decimal digits), or an error."""
-    if text and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise GatewayError(code, "%s must be a whole number from %d to %d" % (name, low, high))
-    return value
-
-
-def _channel_filter(value):
-    canonical = canonical_channel_id(value)
-    if canonical is None:
-        raise GatewayError("invalid_filter", "channel_id filter is not a channel id")
-    return canonical
-
-
-def _event_filters(channel_id=None, thing_id=None, state=None):
-    """The checks of GET /__admin/events' filters, for HTTP and Python alike."""
-    if state is not None and state not in ("ongoing", "closed"):
-        raise GatewayError("invalid_filter", "state filter must be ongoing or closed")
-    if thing_id is not None and not isinstance(thing_id, str):
-        raise GatewayError("invalid_filter", "thing_id filter must be a string")
-    return {"channel_id": None if channel_id is None else _channel_filter(channel_id),
-            "thing_id": thing_id, "state": state}
-
-
-def _request_filters(method=None, path=None, status=None, error_code=None, channel_id=None,
-                     after=None):
-    """The checks of GET /__admin/requests' filters, for HTTP and Python alike: a
-    filter that could match nothing is an error, not an empty list."""
-    for name, value in (("method", method), ("path", path), ("error_code", error_code)):
-        if value is not None and not isinstance(value, str):
-            raise GatewayError("invalid_filter", "%s filter must be a string" % name)
-    if path is not None and not path.startswith("/"):
-        raise GatewayError("invalid_filter", "path filter must start with / (a path such as "
-                           "/event/create); this one does not")
-    if method is not None and method != method.upper():
-        raise GatewayError("invalid_filter", "method filter is case-sensitive, as HTTP methods "
-                           "are: use %s" % _printable(method.upper()[:20]))
-    if error_code is not None and error_code not in ERRORS:
-        raise GatewayError("invalid_filter", "error_code filter is not a code this gateway "
-                           "answers (see its ERRORS table)")
-    if status is not None and status != DROPPED:
-        status = _whole_number("status", status, 100, 599, text=True)
-    return {"method": method, "path": path, "error_code": error_code, "status": status,
-            "channel_id": None if channel_id is None else _channel_filter(channel_id),
-            "after": None if after is None else _whole_number("after", after, 0, 10 ** 18, text=True)}
-
-
-def _query(query, names):
-    """A query string as {name: value} of known names, or invalid_filter."""
-    params = {}
-    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if name not in names:
-            raise GatewayError("invalid_filter", "unknown query parameter `%s`; use %s"
-                               % (_printable(name[:64]), ", ".join(names)))
-        params[name] = value
-    return params
-
-
 class _Request:
     """One request as the core handles it, and what handling it learned that
     the journal and the log line show."""
@@ -2435,56 +2558,14 @@ class _Request:
         self.note = (note,) if self.note is None else self.note + (note,)
 
 
-# What a route answers when it is not the JSON envelope (the page, the icon).
-_Raw = collections.namedtuple("_Raw", "status headers body")
+# What a route answers that is sent as it is, not in the envelope (the page, the
+# icon, the OpenAPI document, a recording): no Content-Type is added.
+_AnswerAsIs = collections.namedtuple("_AnswerAsIs", "status headers body")
 
 
-# Why production 1.3 would refuse a request, by the arguments _RateCounter.over() gives.
-RATE_LIMIT_REASONS = MappingProxyType({
-    2: "over %d requests from %s this minute",      # (the per-IP count, the client)
-    1: "over %d requests in all this minute",        # (the total count,)
-})
-
-
-class _RateCounter:
-    """Production 1.3's rate limit (step 2a): requests per client IP and in all,
-    per calendar minute (Unix seconds // 60).  A request over either count is
-    refused by production and not counted.  One counter per client IP seen this
-    minute, all dropped when the minute turns: O(1) per request, and bounded by
-    the clients of one minute."""
-
-    def __init__(self, per_ip, total):
-        self.per_ip, self.total = per_ip, total
-        self._lock = threading.Lock()
-        self._minute = None
-        self._by_ip = {}
-        self._all = 0
-        self._notes = {}        # client -> its note this minute, made once, not per request
-
-    def over(self, client, now_ms):
-        """Count one request; None, or why production would refuse it (not counted),
-        as a note of the journal: ("rate_limit", the arguments of a
-        RATE_LIMIT_REASONS sentence)."""
-        minute = now_ms // 60000
-        with self._lock:
-            if minute != self._minute:
-                self._minute, self._by_ip, self._all, self._notes = minute, {}, 0, {}
-            from_ip = self._by_ip.get(client, 0)
-            if from_ip >= self.per_ip:
-                note = self._notes.get(client)
-                if note is None:
-                    note = self._notes[client] = ("rate_limit", self.per_ip,
-                                                  client or "this client")
-                return note
-            if self._all >= self.total:
-                return ("rate_limit", self.total)
-            self._by_ip[client] = from_ip + 1
-            self._all += 1
-            return None
-
-    def clear(self):
-        with self._lock:
-            self._minute, self._by_ip, self._all = None, {}, 0
+def _refused(request, error):
+    """The steps of refuse(): the shell's own refusal, as the first failure."""
+    raise error
 
 
 class EventGateway:
@@ -2538,10 +2619,13 @@ class EventGateway:
         self.rate_limit = bool(rate_limit)
         self._rate = (None if line.rate_limit is None or token is not None
                       else _RateCounter(*line.rate_limit))
-        self._routes = {path: {method: getattr(self, name) for method, name in methods.items()}
-                        for path, methods in ROUTES.items()
-                        if path not in LINE_ROUTES or getattr(line, LINE_ROUTES[path])}
-        self._event_route_names = ", ".join(path for path in self._routes if path in EVENT_ACTIONS)
+        # Step 1 finds a route among this line's, step 3 its method's answerer.
+        self._routes = {path: route for path, route in ROUTES.items()
+                        if route.line_field is None or getattr(line, route.line_field)}
+        self._handlers = {path: {method: getattr(self, name) for method, name in
+                                 route.methods.items()} for path, route in self._routes.items()}
+        self._event_route_names = ", ".join(
+            path for path, route in self._routes.items() if route.action is not None)
         self._openapi = None            # the OpenAPI document, made when first asked for
         # record: a writable text stream that every exchange, reset and admin line is
         # appended to (section "Comparing with another gateway"); the caller owns it.
@@ -2563,7 +2647,7 @@ class EventGateway:
 
     def events(self, channel_id=None, thing_id=None, state=None):
         """The stored events, oldest first, as GET /__admin/events shows them."""
-        return self.store.select(**_event_filters(channel_id, thing_id, state))
+        return self.store.views(**_event_filters(channel_id, thing_id, state))
 
     def event(self, event_id):
         """One stored event as GET /__admin/events/{event_id} shows it, or None."""
@@ -2574,19 +2658,19 @@ class EventGateway:
         """The request journal, oldest first, as GET /__admin/requests shows it;
         status="dropped" selects the requests whose connection was dropped."""
         filters = _request_filters(method, path, status, error_code, channel_id, after)
-        return [_request_view(entry) for entry in self.journal.matching(**filters)]
+        return [_request_view(entry) for entry in self.journal.find(**filters)]
 
     def wait_for_events(self, count=1, timeout=5.0, channel_id=None, thing_id=None, state=None):
         """Wait until count events match the filters; returns them, or raises
         AssertionError after timeout seconds with what the gateway did store."""
         filters = _event_filters(channel_id, thing_id, state)
-        found = self._wait(self.store, lambda: self.store.matching(**filters), count, timeout)
+        found = self._wait(self.store, lambda: self.store.find(**filters), count, timeout)
         views = [_event_view(record) for record in found]
         if len(views) < count:
             raise AssertionError("waited %gs for %d event(s) with %s; the gateway stores %d: %s" % (
                 timeout, count, _shown_filters(filters), len(views),
                 json.dumps([{k: v[k] for k in ("event_id", "state", "title", "status")}
-                            for v in self.store.select()])))
+                            for v in self.store.views()])))
         return views
 
     def wait_for_requests(self, count=1, timeout=5.0, path=None, status=None, error_code=None,
@@ -2594,12 +2678,12 @@ class EventGateway:
         """Wait until count journal entries match the filters; returns them, or
         raises AssertionError after timeout seconds with what the gateway did receive."""
         filters = _request_filters(method, path, status, error_code, channel_id, after)
-        found = self._wait(self.journal, lambda: self.journal.matching(**filters), count, timeout)
+        found = self._wait(self.journal, lambda: self.journal.find(**filters), count, timeout)
         if len(found) < count:
             raise AssertionError("waited %gs for %d request(s) with %s; the gateway received: %s" % (
                 timeout, count, _shown_filters(filters), "; ".join(
                     "%s %s %s %s" % (entry[2], entry[3], entry[8], entry[9] or "")
-                    for entry in self.journal.matching()) or "nothing"))
+                    for entry in self.journal.find()) or "nothing"))
         return [_request_view(entry) for entry in found]
 
     def clear_events(self):
@@ -2684,7 +2768,7 @@ class EventGateway:
         """The journal as recording lines (dicts; section "Comparing with another
         gateway"), oldest first, with the filters of requests(): exchanges only,
         since the journal keeps no test-support request."""
-        return [self._exchange_of(entry) for entry in self.journal.matching(
+        return [self._exchange_of(entry) for entry in self.journal.find(
             **_request_filters(**filters))]
 
     def _exchange_of(self, entry):
@@ -2720,7 +2804,28 @@ class EventGateway:
                 return found
             source.changed.sleep(version, remaining)
 
-    # -- one request -----------------------------------------------------------------
+    # -- one request ---------------------------------------------------------------
+    #
+    # The call path of one request reads down from here, in the numbered order of
+    # the module's docstring:
+    #   handle()                   the entry, for the HTTP shell and for embedders
+    #     _answer()                runs the steps, then journals, logs and answers
+    #       _steps()               the order itself:
+    #         _find_route          step 1, and 1a _check_local_safety, 2 _check_token,
+    #         _check_method        3, then 2a and a fault's strike (_count_and_strike),
+    #         _check_content_type  4, 5 _check_body_size, 6-7 parse_json_body, then
+    #         the route's method:  for an event route _event_steps(): 8 _known_fields,
+    #                              8a _path_thing, 9 _check_forbidden_fields,
+    #                              10 _authenticate_channel, 11 _check_required_fields,
+    #                              12 _checked_fields, then EventStore.dispatch() does
+    #                              13-16 under the store's lock (section "Store").
+    #   check_head() runs steps 1-5 from a request's head, refuse() answers broken HTTP.
+    # After the steps: _answer()'s bookkeeping (the error body, the journal, the log
+    # line), then the routes that are not event routes.
+    #
+    # handle() can block: a queued fault's delay_ms, the waits of the test-support
+    # lists (?wait_ms=), and the store's lock while another request holds it.  The
+    # HTTP shell calls it from one thread per connection.
 
     def handle(self, method, target, headers, body, client=None):
         """One request through the processing order; returns (status, headers, body).
@@ -2738,16 +2843,13 @@ class EventGateway:
         A dropped answer (a queued fault of kind "drop") is (None, [], b""):
         the HTTP shell must then close the connection without sending a byte,
         as a crashed proxy would.  Embedders that call handle() directly see
-        the same None.
+        the same None.  It can block: see the map above.
         """
-        return self._handle_lowered(method, target, _lower_headers(headers), body, client)
-
-    def _handle_lowered(self, method, target, headers, body, client=None):
-        """handle() for headers already in a dict of lower-case names (the HTTP shell's)."""
-        started = time.perf_counter()
+        if type(headers) is not LowerCaseHeaders:
+            headers = _lower_headers(headers)
         request = _Request(method, target, headers, client)
-        return self._answer(request, started, lambda: self._serve(request, body),
-                            body, None if body is None else len(body))
+        return self._answer(request, self._steps, body, body,
+                            None if body is None else len(body))
 
     def check_head(self, method, target, headers, client=None):
         """Steps 1-5 from the request head alone, before any body is read.
@@ -2759,39 +2861,290 @@ class EventGateway:
         MAX_BODY_BYTES, so as to answer without reading it, and for "Expect:
         100-continue", so as to send the final answer instead of 100.
         """
-        started = time.perf_counter()
         request = _Request(method, target, _lower_headers(headers), client)
         declared = _declared_length(request.headers)
-        return self._answer(request, started, lambda: self._steps_from_head(request, declared),
-                            None, declared)
+        return self._answer(request, self._steps_from_head, declared, None, declared)
 
     def refuse(self, code, message, method="", target="", headers=None):
         """An error answer that the HTTP shell decides itself (broken HTTP framing)."""
         request = _Request(method, target, headers or {})
-        return self._answer(request, time.perf_counter(), lambda: _raise(code, message), None, 0)
+        return self._answer(request, _refused, GatewayError(code, message), None, 0)
 
-    def _answer(self, request, started, work, body, body_bytes):
-        """Run work() for request; the answer, journaled and logged once."""
-        received_at = request.received_at = int(self.clock() * 1000)    # Unix milliseconds
-        code = message = None
-        raw = False
+    def _steps(self, request, body):
+        """Steps 1 to 12, the first failure answering, then the store's 13 to 16;
+        returns the route's answer: the 200 body's bytes, or an _AnswerAsIs."""
+        handler = self._steps_1_to_3(request)
+        self._count_and_strike(request)                         # step 2a, and a fault
+        self._steps_4_and_5(request, None if body is None else len(body))
+        if request.method == "POST" and request.route.json_body:
+            request.doc = parse_json_body(body)                 # steps 6-7
+            request.body_bytes = len(body)
+        result = handler(request)                               # steps 8-16: the route's
+        return _success_body(result) if type(result) is dict else result
+
+    def _steps_from_head(self, request, declared):
+        """Steps 1-5 as check_head() runs them; None when the body should be read."""
+        self._steps_1_to_3(request)
         try:
-            result = work()
-            if result is None:
-                return None                                   # check_head: read the body
-            status, extra, payload = (200, (), result) if type(result) is bytes else result
-            raw = type(result) is _Raw
-        except GatewayError as error:
-            status, extra, code, message = error.status, error.headers, error.code, error.message
-        except _Drop:
-            status, extra, payload = None, (), b""
-        except Exception:       # a bug in this module: answer 500 and keep serving
-            trace = traceback.format_exc()
-            self.internal_errors.append(trace)
-            if self.log is not None:
-                self.log.write(trace)
-            status, extra, code = 500, (), "internal_error"
-            message = "internal error in the gateway; see its log"
+            self._steps_4_and_5(request, declared)
+        except GatewayError:
+            # Refused from the head: handle() will not see this request, so it is
+            # counted (and may be rate limited, or struck) here.
+            self._count_and_strike(request)
+            raise
+        return None
+
+    def _steps_1_to_3(self, request):
+        """Steps 1, 1a, 2 and 3; returns the method that answers the route."""
+        route = self._find_route(request)                       # 1
+        if route.guard is not None:
+            self._check_local_safety(request, route.guard)      # 1a
+        if self.token is not None and not route.public:
+            self._check_token(request.headers.get("authorization"))     # 2
+        return self._check_method(request, route)               # 3
+
+    def _find_route(self, request):
+        """Step 1: the route of the path among this line's (no token needed to learn this)."""
+        route, request.segment = _match_route(request.path, self._routes)
+        if route is None:
+            raise GatewayError("route_not_found", "no route %s; the event routes are POST %s"
+                               % (_printable(request.path[:100]), self._event_route_names))
+        request.route = route
+        return route
+
+    def _check_local_safety(self, request, guard):
+        """Step 1a: the page and the test-support routes only for this machine's
+        names, and the test-support routes ("site") never for another web site."""
+        self._check_host(request)
+        if guard == "site":
+            self._check_same_origin(request)
+
+    def _check_host(self, request):
+        """Step 1a: a Host that is not an IP literal, localhost, *.localhost or a name
+        given with --allow-host is refused: a site that makes its own name resolve to
+        127.0.0.1 (DNS rebinding) would otherwise read the journal as its own."""
+        host = request.authority if request.authority is not None else request.headers.get("host")
+        if host is None or self.allowed_hosts is None:
+            return                      # HTTP/1.0 without a Host; or --allow-host '*'
+        name = _host_name(host)
+        if name is not None and (_is_local_name(name) or name in self.allowed_hosts):
+            return
+        shown = _printable(host.strip(OWS)[:100])
+        raise GatewayError("host_not_allowed", "Host `%s` may not reach the page or /__admin/ "
+                           "(a guard against DNS rebinding); if you reach the gateway by this "
+                           "name, start it with --allow-host %s" % (
+                               shown, _printable((name or "NAME")[:100])))
+
+    @staticmethod
+    def _check_same_origin(request):
+        """Step 1a: a request to /__admin/ that another web site made the browser send
+        (an Origin other than the gateway's own, "null" included, or Sec-Fetch-Site
+        cross-site or same-site) is refused, whatever its method: no preflight
+        guards a form or a no-cors fetch.  Clients that send no Origin pass."""
+        headers = request.headers
+        site = headers.get("sec-fetch-site", "").strip(OWS).lower()
+        origin = headers.get("origin")
+        if origin is not None:
+            host = request.authority if request.authority is not None else headers.get("host")
+            if host is not None and origin.strip(OWS).lower() == "http://" + host.strip(OWS).lower():
+                origin = None           # the page's own
+        if origin is not None or site in ("cross-site", "same-site"):
+            raise GatewayError("cross_site_request", "the test-support routes do not answer "
+                               "requests that another web site made a browser send; use the "
+                               "page this gateway serves, or a client that sends no Origin")
+
+    def _check_token(self, authorization):
+        """Step 2: exactly "Bearer <token>", compared in constant time."""
+        parts = (authorization or "").split(" ")
+        if (len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1]
+                or len(parts[1]) > MAX_TOKEN_CHARS or not _same_secret(parts[1], self.token)):
+            raise GatewayError("authentication_failed", "send the gateway token as "
+                               "'Authorization: Bearer <token>'", headers=_AUTH_CHALLENGE)
+
+    def _check_method(self, request, route):
+        """Step 3: a method the route takes; returns the method that answers it."""
+        handler = self._handlers[route.path].get(request.method)
+        if handler is None:
+            raise GatewayError("method_not_allowed", "%s takes %s" % (route.path, route.allow),
+                               headers=[("Allow", route.allow)])
+        return handler
+
+    def _count_and_strike(self, request):
+        """Right after step 3, on an event route: step 2a (production 1.3's rate
+        limit), then a queued fault's strike (section "Faults")."""
+        action = request.route.action
+        if action is None:
+            return
+        if self._rate is not None:
+            self._count_rate(request)
+        if self.fault_queue.routes:
+            self.fault_queue.strike(action, request)
+
+    def _count_rate(self, request):
+        """Step 2a: production 1.3's rate limit, when no token is set.  Answered
+        with 429 under rate_limit; otherwise noted for the tester."""
+        note = self._rate.over(request.client, request.received_at)
+        if note is None:
+            return
+        if self.rate_limit:
+            raise GatewayError("rate_limited", "production's rate limit: %s; wait for the next "
+                               "minute" % (RATE_LIMIT_REASONS[len(note) - 1] % note[1:]))
+        # Kept as the counter made it, and written out only when read.
+        request.note = (note,) if request.note is None else request.note + (note,)
+
+    def _steps_4_and_5(self, request, length):
+        """Steps 4 and 5: for a POST that takes JSON, its Content-Type and a body
+        length; for every request, a body no larger than MAX_BODY_BYTES.  length
+        is the body's, or from the head the declared one; None: no body."""
+        if request.method == "POST" and request.route.json_body:
+            self._check_content_type(request.headers)           # 4
+            if length is None:                                  # 5
+                raise GatewayError("length_required", "send the body with a Content-Length "
+                                   "header or chunked transfer encoding")
+        if length is not None and length > MAX_BODY_BYTES:     # 5: read, then ignored if allowed
+            raise GatewayError("payload_too_large",
+                               "body is larger than %d bytes" % MAX_BODY_BYTES)
+
+    @staticmethod
+    def _check_content_type(headers):
+        """Step 4: application/json, parameters allowed, any case."""
+        sent = headers.get("content-type")
+        media_type = (sent or "").split(";", 1)[0].strip(OWS).lower()
+        if media_type != "application/json":
+            raise GatewayError("missing_json_content_type", "Content-Type must be "
+                               "application/json; this request sent %s" % (
+                                   "none" if sent is None else "`%s`" % _printable(sent[:80])))
+
+    # -- the event routes: steps 8 to 12, then the store ----------------------------
+
+    def _route_event_create(self, request):
+        return self._event_steps(CREATE, request)
+
+    def _route_event_update(self, request):
+        return self._event_steps(UPDATE, request)
+
+    def _route_event_close(self, request):
+        return self._event_steps(CLOSE, request)
+
+    def _event_steps(self, action, request):
+        """Steps 8 to 12 of an event route on its parsed body, then steps 13 to 16 in
+        EventStore.dispatch(); returns the 200 body's bytes."""
+        doc = request.doc
+        line = self.line
+        if line.refuses_client_op_id and not _is_blank(doc.get("op_id")):
+            request.add_note("client_op_id", line.name)      # the page's rule is kept
+        doc = self._known_fields(request, doc)                                  # 8
+        path_thing = (None if request.segment is None
+                      else self._path_thing(request.segment, doc))            # 8a
+        self._check_forbidden_fields(action, doc)                               # 9
+        channel_id = request.channel_id = self._authenticate_channel(doc, request)  # 10
+        self._check_required_fields(action, doc)                                # 11
+        fields = self._checked_fields(doc)                                      # 12
+        if path_thing is not None:
+            fields["thing_id"] = path_thing
+        # Steps 13-16 happen in EventStore.dispatch(), under the store's lock, so that
+        # a request is replayed, refused or applied whole (section "Store").
+        op_id = fields.pop("op_id", None)
+        digest = None if op_id is None else _request_digest(action, path_thing, doc)
+        body, request.op_id, request.event_id, seq, replayed = self.store.dispatch(
+            action, channel_id, op_id, digest, fields, request.received_at, request.body_bytes)
+        if replayed:
+            request.add_note("replay", seq)
+        else:
+            request.seq = seq
+        return body
+
+    def _known_fields(self, request, doc):
+        """Step 8: unknown fields refused, every one named, or (line 1.3) ignored and
+        noted; returns the body's known fields."""
+        if EVENT_FIELDS.issuperset(doc):
+            return doc
+        if not self.line.ignore_unknown_fields:
+            _reject_unknown(doc, EVENT_FIELDS)
+        unknown = doc.keys() - EVENT_FIELDS
+        request.add_note("ignored_fields", tuple(sorted(unknown)), self.line.name)
+        return {key: value for key, value in doc.items() if key not in unknown}
+
+    @staticmethod
+    def _path_thing(segment, doc):
+        """Step 8a: the thing named in a thing-scoped route's path, by the thing_id
+        rule; a body thing_id that differs from it is refused."""
+        if _is_blank(segment):
+            raise GatewayError("invalid_thing_id", "the path's thing_id is blank; send "
+                               "/thing/{thing_id}/event/... with a thing_id")
+        path_thing = check_thing_id(segment)
+        body_thing = doc.get("thing_id")
+        if isinstance(body_thing, str) and body_thing.strip() and body_thing.strip() != path_thing:
+            raise GatewayError("thing_id_mismatch", "the body's thing_id differs from the "
+                               "path's; leave it out or send the same thing_id", status=400)
+        return path_thing
+
+    def _check_forbidden_fields(self, action, doc):
+        """Step 9: fields the route forbids (FORBIDDEN_FIELDS): event_id on create even
+        as null; in line 1.3 ended_at on create and update even as null."""
+        for field, code in FORBIDDEN_FIELDS[action]:
+            if doc.get(field) is not None or (field in doc and (
+                    (action == CREATE and field == "event_id")
+                    or (field == "ended_at" and self.line.refuse_null_ended_at))):
+                raise GatewayError(code, "%s is not allowed on %s%s" % (
+                    field, action, "" if doc.get(field) is not None else " (not even as null)"))
+
+    def _authenticate_channel(self, doc, request):
+        """Step 10: the credentials, then the lookup."""
+        return self.channels.authenticate(*self._credentials(doc), request)
+
+    def _credentials(self, doc):
+        """Step 10: channel_id then password, each required and well-formed."""
+        if _is_blank(doc.get("channel_id")):
+            raise GatewayError("channel_id_required", _required(["channel_id"]))
+        channel_id = check_channel_id(doc["channel_id"])
+        if _is_blank(doc.get("password")):
+            raise GatewayError("password_required", _required(["password"]))
+        return channel_id, check_password(doc["password"])
+
+    @staticmethod
+    def _check_required_fields(action, doc):
+        """Step 11: event_id (but on create), the route's REQUIRED_FIELDS, then
+        event_time; the first missing one's code, every missing one named."""
+        names, code = REQUIRED_FIELDS[action]
+        missing = [name for name in names if _is_blank(doc.get(name))]
+        no_event_id = action != CREATE and _is_blank(doc.get("event_id"))
+        no_event_time = _is_blank(doc.get("event_time"))
+        if missing or no_event_id or no_event_time:
+            raise GatewayError(
+                "event_id_required" if no_event_id else code if missing else "event_time_required",
+                _required((["event_id"] if no_event_id else []) + missing
+                          + (["event_time"] if no_event_time else [])))
+
+    @staticmethod
+    def _checked_fields(doc):
+        """Step 12: the field rules in FIELD_RULES order; returns the fields as stored,
+        without those that count as absent."""
+        fields = {}
+        for name, check in FIELD_RULES:
+            value = doc.get(name)
+            if value is None:
+                if name in NOT_NULL_FIELDS and name in doc:
+                    raise GatewayError(NOT_NULL_FIELDS[name], _must_be(
+                        name, "an array or an object, not null; leave it out instead"
+                        if name == "images" else "an object, not null; leave it out instead"))
+                continue
+            value = check(value)
+            if value is not None:
+                fields[name] = value
+        return fields
+
+    # -- the answer, the journal and the log line -----------------------------------
+
+    def _answer(self, request, steps, argument, body, body_bytes):
+        """Run steps(request, argument); the answer, journaled and logged once.
+        None when check_head() finds the body should be read."""
+        started = time.perf_counter()
+        received_at = request.received_at = int(self.clock() * 1000)    # Unix milliseconds
+        outcome = self._outcome(request, steps, argument)
+        if outcome is None:
+            return None
+        status, extra, payload, code, message, as_is = outcome
         fault = request.fault
         if fault is not None and fault.when == "after" and status is not None:
             # The request was handled in full; its answer is now lost (section "Faults").
@@ -2801,7 +3154,7 @@ class EventGateway:
             else:
                 status, extra, code, message = lost.status, lost.headers, lost.code, lost.message
         request_id = _new_hex_id()
-        headers = [("X-Request-Id", request_id)] if raw or status == 405 else [
+        headers = [("X-Request-Id", request_id)] if as_is or status == 405 else [
             ("Content-Type", "application/json"), ("X-Request-Id", request_id)]
         if code is not None:
             if status is not None:      # a dropped answer keeps its refusal's code for the journal
@@ -2813,12 +3166,10 @@ class EventGateway:
                     request.add_note("lenient", self.line.name, rule)
         headers.extend(extra)
         duration_ms = (time.perf_counter() - started) * 1000
-        path = request.path
         # The journal's entry (and the recording's line, which a journal of 0 entries
-        # still numbers): every answer but those to the page, the icon, the probes
-        # and the test-support routes.
-        journaled = (self.journal.max_requests or self.recorder is not None) and not (
-            path in UNJOURNALED_PATHS or path.startswith(ADMIN_PREFIX))
+        # still numbers): every answer but those to the routes that are not journaled.
+        journaled = ((self.journal.max_requests or self.recorder is not None)
+                     and _journaled(request.path, request.route))
         if (journaled or self.log is not None) and (request.event_id is None
                                                      or request.channel_id is None):
             request.op_id, request.event_id, request.channel_id = self._body_ids(request, body)
@@ -2835,6 +3186,29 @@ class EventGateway:
                 headers.append(("Content-Length", str(len(payload))))
             payload = b""
         return status, headers, payload
+
+    def _outcome(self, request, steps, argument):
+        """(status, extra headers, payload, code, message, as_is) of steps(request,
+        argument): its answer, a refusal (code and message; the payload is made
+        later), a dropped answer (status None), or a bug's 500.  None: read the body."""
+        try:
+            result = steps(request, argument)
+        except GatewayError as error:
+            return error.status, error.headers, b"", error.code, error.message, False
+        except _Drop:
+            return None, (), b"", None, None, False
+        except Exception:       # a bug in this module: answer 500 and keep serving
+            trace = traceback.format_exc()
+            self.internal_errors.append(trace)
+            if self.log is not None:
+                self.log.write(trace)
+            return (500, (), b"", "internal_error", "internal error in the gateway; see its log",
+                    False)
+        if result is None:
+            return None
+        if type(result) is bytes:
+            return 200, (), result, None, None, False
+        return result.status, result.headers, result.body, None, None, True
 
     def _error_payload(self, request, code, message, status, request_id):
         """(body, locale) of an error answer: production's envelope with problem; a 405
@@ -2854,7 +3228,7 @@ class EventGateway:
         """(op_id, event_id, channel_id) the journal and the log line show: the
         answer's, else the body's (parsed for this when no step parsed it)."""
         doc = request.doc
-        if doc is None and body and request.route in EVENT_ACTIONS:
+        if doc is None and body and request.route is not None and request.route.action:
             try:
                 doc = parse_json_body(body)
             except GatewayError:
@@ -2910,264 +3284,23 @@ class EventGateway:
         self.log.write(" ".join(part for part in (head, middle, tail) if part) + "\n")
         self.log.flush()
 
-    def _serve(self, request, body):
-        """Steps 1 to 16, first failure wins; returns the 200 body bytes or a _Raw."""
-        route = self._check_route_auth_method(request)          # steps 1-3
-        if self._rate is not None:
-            self._count_rate(request)                           # step 2a
-        if self.fault_queue.routes and request.route in EVENT_ACTIONS:   # a fault strikes here
-            self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
-        if request.method == "POST" and request.path not in BODYLESS_POSTS:
-            self._check_content_type(request.headers)           # step 4
-            self._check_body_size(request.method, None if body is None else len(body))  # step 5
-            request.doc = parse_json_body(body)                 # steps 6-7
-            request.body_bytes = len(body)
-        elif body is not None:
-            self._check_body_size(request.method, len(body))    # step 5: a body read, then ignored
-        result = route(request)                                 # steps 8-16 are the route's
-        return _success_body(result) if type(result) is dict else result
-
-    def _steps_from_head(self, request, declared):
-        """Steps 1-5 as check_head() runs them; None when the body should be read."""
-        self._check_route_auth_method(request)
-        try:
-            if request.method == "POST" and request.path not in BODYLESS_POSTS:
-                self._check_content_type(request.headers)
-            self._check_body_size(request.method, declared)
-        except GatewayError:
-            # Refused from the head: handle() will not see this request, so it is
-            # counted (and may be rate limited) here.
-            self._count_rate(request)
-            if self.fault_queue.routes and request.route in EVENT_ACTIONS:
-                # A fault strikes before steps 4-5 would refuse.
-                self.fault_queue.strike(EVENT_ACTIONS[request.route], request)
-            raise
-        return None
-
-    def _check_route_auth_method(self, request):
-        """Steps 1-3; returns the route's handler."""
-        path = request.path
-        # 1. Unknown path (no auth needed to learn this).
-        route, request.segment = _match_route(path, self._routes)
-        if route is None:
-            raise GatewayError("route_not_found", "no route %s; the event routes are POST %s"
-                               % (_printable(path[:100]), self._event_route_names))
-        request.route = route
-        # 1a. Local safety: the page and the test-support routes only for this machine's
-        #     names, and the test-support routes never for another web site.
-        if route in GUARDED_ROUTES:
-            self._check_host(request)
-            if route != "/":
-                self._check_same_origin(request)
-        # 2. Gateway auth, when enabled.
-        if self.token is not None and route not in PUBLIC_PATHS:
-            self._check_token(request.headers.get("authorization"))
-        # 3. Method.
-        handler = self._routes[route].get(request.method)
-        if handler is None:
-            raise GatewayError("method_not_allowed", "%s takes %s" % (route, _ALLOW[route]),
-                               headers=[("Allow", _ALLOW[route])])
-        return handler
-
-    def _check_host(self, request):
-        """Step 1a: a Host that is not an IP literal, localhost, *.localhost or a name
-        given with --allow-host is refused: a site that makes its own name resolve to
-        127.0.0.1 (DNS rebinding) would otherwise read the journal as its own."""
-        host = request.authority if request.authority is not None else request.headers.get("host")
-        if host is None or self.allowed_hosts is None:
-            return                      # HTTP/1.0 without a Host; or --allow-host '*'
-        name = _host_name(host)
-        if name is not None and (_is_local_name(name) or name in self.allowed_hosts):
-            return
-        shown = _printable(host.strip(OWS)[:100])
-        raise GatewayError("host_not_allowed", "Host `%s` may not reach the page or /__admin/ "
-                           "(a guard against DNS rebinding); if you reach the gateway by this "
-                           "name, start it with --allow-host %s" % (
-                               shown, _printable((name or "NAME")[:100])))
-
-    @staticmethod
-    def _check_same_origin(request):
-        """Step 1a: a request to /__admin/ that another web site made the browser send
-        (an Origin other than the gateway's own, "null" included, or Sec-Fetch-Site
-        cross-site or same-site) is refused, whatever its method: no preflight
-        guards a form or a no-cors fetch.  Clients that send no Origin pass."""
-        headers = request.headers
-        site = headers.get("sec-fetch-site", "").strip(OWS).lower()
-        origin = headers.get("origin")
-        if origin is not None:
-            host = request.authority if request.authority is not None else headers.get("host")
-            if host is not None and origin.strip(OWS).lower() == "http://" + host.strip(OWS).lower():
-                origin = None           # the page's own
-        if origin is not None or site in ("cross-site", "same-site"):
-            raise GatewayError("cross_site_request", "the test-support routes do not answer "
-                               "requests that another web site made a browser send; use the "
-                               "page this gateway serves, or a client that sends no Origin")
-
-    def _count_rate(self, request):
-        """Step 2a: production 1.3's rate limit, on a request that passed step 3 of an
-        event route, when no token is set.  Answered with 429 under rate_limit;
-        otherwise noted for the tester."""
-        if self._rate is None or request.route not in EVENT_ACTIONS:
-            return
-        note = self._rate.over(request.client, request.received_at)
-        if note is None:
-            return
-        if self.rate_limit:
-            raise GatewayError("rate_limited", "production's rate limit: %s; wait for the next "
-                               "minute" % (RATE_LIMIT_REASONS[len(note) - 1] % note[1:]))
-        # Kept as the counter made it, and written out only when read.
-        request.note = (note,) if request.note is None else request.note + (note,)
-
-    def _check_token(self, authorization):
-        """Step 2: exactly "Bearer <token>", compared in constant time."""
-        parts = (authorization or "").split(" ")
-        if (len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1]
-                or len(parts[1]) > MAX_TOKEN_CHARS or not _same_secret(parts[1], self.token)):
-            raise GatewayError("authentication_failed", "send the gateway token as "
-                               "'Authorization: Bearer <token>'", headers=_AUTH_CHALLENGE)
-
-    @staticmethod
-    def _check_content_type(headers):
-        """Step 4: application/json, parameters allowed, any case."""
-        sent = headers.get("content-type")
-        media_type = (sent or "").split(";", 1)[0].strip(OWS).lower()
-        if media_type != "application/json":
-            raise GatewayError("missing_json_content_type", "Content-Type must be "
-                               "application/json; this request sent %s" % (
-                                   "none" if sent is None else "`%s`" % _printable(sent[:80])))
-
-    @staticmethod
-    def _check_body_size(method, length):
-        """Step 5: a POST with no body length (411), or a body too large (413).
-
-        length is None when the request has neither Content-Length nor a
-        chunked body; a body of any method over the limit is refused.
-        """
-        if length is None:
-            if method == "POST":
-                raise GatewayError("length_required", "send the body with a Content-Length "
-                                   "header or chunked transfer encoding")
-        elif length > MAX_BODY_BYTES:
-            raise GatewayError("payload_too_large",
-                               "body is larger than %d bytes" % MAX_BODY_BYTES)
-
-    # -- the event routes (steps 8-16) ----------------------------------------------
-
-    def _route_event_create(self, request):
-        return self._event_request(CREATE, request)
-
-    def _route_event_update(self, request):
-        return self._event_request(UPDATE, request)
-
-    def _route_event_close(self, request):
-        return self._event_request(CLOSE, request)
-
-    def _event_request(self, route, request):
-        doc = request.doc
-        line = self.line
-        if line.refuses_client_op_id and not _is_blank(doc.get("op_id")):
-            request.add_note("client_op_id", line.name)      # the page's rule is kept
-        # 8. Unknown fields: refused, every one named, or (line 1.3) ignored and noted.
-        if not EVENT_FIELDS.issuperset(doc):
-            if not line.ignore_unknown_fields:
-                _reject_unknown(doc, EVENT_FIELDS)
-            unknown = doc.keys() - EVENT_FIELDS
-            request.add_note("ignored_fields", tuple(sorted(unknown)), line.name)
-            doc = {key: value for key, value in doc.items() if key not in unknown}
-        # 8a. A thing-scoped route (line 1.3): the path's thing, and the body's must agree.
-        path_thing = None
-        if request.segment is not None:
-            path_thing = self._path_thing(request.segment, doc)
-        # 9. Fields forbidden on this route (event_id on create even as null; in line
-        #    1.3 ended_at on create and update even as null).
-        for field, code in FORBIDDEN_FIELDS[route]:
-            if doc.get(field) is not None or (field in doc and (
-                    (route == CREATE and field == "event_id")
-                    or (field == "ended_at" and line.refuse_null_ended_at))):
-                raise GatewayError(code, "%s is not allowed on %s%s" % (
-                    field, route, "" if doc.get(field) is not None else " (not even as null)"))
-        # 10. Channel credentials.
-        channel_id = request.channel_id = self._authenticate_channel(doc, request)
-        # 11. Required fields: the first missing one's code, every missing one named.
-        names, code = REQUIRED_FIELDS[route]
-        missing = [name for name in names if _is_blank(doc.get(name))]
-        no_event_id = route != CREATE and _is_blank(doc.get("event_id"))
-        no_event_time = _is_blank(doc.get("event_time"))
-        if missing or no_event_id or no_event_time:
-            raise GatewayError(
-                "event_id_required" if no_event_id else code if missing else "event_time_required",
-                _required((["event_id"] if no_event_id else []) + missing
-                          + (["event_time"] if no_event_time else [])))
-        # 12. Field rules, in the order of FIELD_RULES.
-        fields = {}
-        for name, check in FIELD_RULES:
-            value = doc.get(name)
-            if value is None:
-                if name in NOT_NULL_FIELDS and name in doc:
-                    raise GatewayError(NOT_NULL_FIELDS[name], _must_be(
-                        name, "an array or an object, not null; leave it out instead"
-                        if name == "images" else "an object, not null; leave it out instead"))
-                continue
-            value = check(value)
-            if value is not None:
-                fields[name] = value
-        if path_thing is not None:
-            fields["thing_id"] = path_thing
-        # 13-16 happen under the store's lock.
-        op_id = fields.pop("op_id", None)
-        digest = None if op_id is None else _request_digest(route, path_thing, doc)
-        body, request.op_id, request.event_id, seq, replayed = self.store.dispatch(
-            route, channel_id, op_id, digest, fields, request.received_at, request.body_bytes)
-        if replayed:
-            request.add_note("replay", seq)
-        else:
-            request.seq = seq
-        return body
-
-    @staticmethod
-    def _path_thing(segment, doc):
-        """Step 8a: the thing named in a thing-scoped route's path, by the thing_id
-        rule; a body thing_id that differs from it is refused."""
-        if _is_blank(segment):
-            raise GatewayError("invalid_thing_id", "the path's thing_id is blank; send "
-                               "/thing/{thing_id}/event/... with a thing_id")
-        path_thing = check_thing_id(segment)
-        body_thing = doc.get("thing_id")
-        if isinstance(body_thing, str) and body_thing.strip() and body_thing.strip() != path_thing:
-            raise GatewayError("thing_id_mismatch", "the body's thing_id differs from the "
-                               "path's; leave it out or send the same thing_id", status=400)
-        return path_thing
-
-    def _credentials(self, doc):
-        """Step 10: channel_id then password, each required and well-formed."""
-        if _is_blank(doc.get("channel_id")):
-            raise GatewayError("channel_id_required", _required(["channel_id"]))
-        channel_id = check_channel_id(doc["channel_id"])
-        if _is_blank(doc.get("password")):
-            raise GatewayError("password_required", _required(["password"]))
-        return channel_id, check_password(doc["password"])
-
-    def _authenticate_channel(self, doc, request):
-        """Step 10: the credentials, then the lookup."""
-        return self.channels.authenticate(*self._credentials(doc), request)
-
-    # -- liveness, the page and the test-support routes ------------------------------
+    # --     # -- liveness, the page and the test-support routes ------------------------------
 
     def _route_healthz(self, request):
         return {"status": "ok"}
 
     def _route_page(self, request):
-        return _Raw(200, _PAGE_HEADERS, PAGE_BYTES)
+        return _AnswerAsIs(200, _PAGE_HEADERS, PAGE_BYTES)
 
     def _route_favicon(self, request):
-        return _Raw(204, (), b"")
+        return _AnswerAsIs(204, (), b"")
 
     def _listing(self, request, names, check_filters, source, view, params=None):
         """An admin list (events or requests): its filters checked, its wait waited."""
         params = _query(request.query, names) if params is None else params
         wait_ms, count = _wait_params(params)
         filters = check_filters(**params)
-        found = self._wait(source, lambda: source.matching(**filters), count, wait_ms / 1000)
+        found = self._wait(source, lambda: source.find(**filters), count, wait_ms / 1000)
         return [view(item) for item in found]
 
     def _route_admin_events_get(self, request):
@@ -3205,7 +3338,7 @@ class EventGateway:
         host = request.authority if request.authority is not None else request.headers.get("host")
         server = "http://%s" % host.strip(OWS) if host else "http://127.0.0.1:%d" % DEFAULT_PORT
         before, after = self._openapi
-        return _Raw(200, (("Content-Type", "application/json"),),
+        return _AnswerAsIs(200, (("Content-Type", "application/json"),),
                     before + json.dumps(server).encode() + after)
 
     def _route_admin_event_get(self, request):
@@ -3228,7 +3361,7 @@ class EventGateway:
                                                  "out (the journal's JSON)")
         lines = self._listing(request, REQUEST_FILTERS, _request_filters, self.journal,
                               self._exchange_of, params)
-        return _Raw(200, (("Content-Type", "application/x-ndjson"),),
+        return _AnswerAsIs(200, (("Content-Type", "application/x-ndjson"),),
                     "".join(_recording_text(line) for line in lines).encode("utf-8"))
 
     def _route_admin_requests_delete(self, request):
@@ -3253,55 +3386,6 @@ class EventGateway:
 
     def _route_admin_faults_delete(self, request):
         return {"cleared": self.clear_faults()}
-
-
-# What production 1.3 no longer checks, for the note on a refusal that it would
-# have let through (Line.lenient_codes): this gateway keeps the page's rules.
-_LENIENT_RULES = MappingProxyType({
-    "invalid_status": "status", "invalid_message": "message", "invalid_severity": "severity",
-    "invalid_tags": "tags", "invalid_images": "images", "invalid_attrs": "attrs",
-    "extension_object_arrays_unsupported": "attrs",
-    "extension_object_nested_object_unsupported": "attrs",
-    "extension_object_key_required": "attrs",
-    "started_at_forbidden_on_close": "started_at on close (it ignores it)",
-    "event_temporal_fields_forbidden_on_update": "started_at on update (it ignores it)",
-    "event_create_required_fields_missing": "status, message and severity for presence",
-    "event_update_required_fields_missing": "status, message and severity for presence",
-})
-
-
-def _lenient_rule(code, doc):
-    """What the line's production would not have checked in this refusal, or None
-    when it would have refused the request too."""
-    if code.endswith("_required_fields_missing"):
-        if _is_blank(doc.get("event_time")):
-            return None                     # production refuses a missing event_time
-        if code.startswith("event_update") or not _is_blank(doc.get("title")):
-            return _LENIENT_RULES[code]     # only status, message or severity are missing
-        return None
-    if code == "event_temporal_fields_forbidden_on_update" and "ended_at" in doc:
-        return None                         # ended_at is refused by production too
-    return _LENIENT_RULES[code]
-
-
-def _raise(code, message):
-    raise GatewayError(code, message)
-
-
-def _text_or_none(value):
-    return value if isinstance(value, str) and value else None
-
-
-def _shown_filters(filters):
-    given = ", ".join("%s=%s" % item for item in filters.items() if item[1] is not None)
-    return given or "no filter"
-
-
-def _wait_params(params):
-    """?wait_ms= and ?count= of an admin list, taken out of params."""
-    wait_ms = _whole_number("wait_ms", params.pop("wait_ms", "0"), 0, MAX_WAIT_MS, text=True)
-    count = _whole_number("count", params.pop("count", "1"), 1, MAX_WAIT_COUNT, text=True)
-    return wait_ms, count
 
 
 # The OpenAPI description #######################################################
@@ -3345,8 +3429,9 @@ _JSON_BODY_CODES = ("missing_json_content_type", "payload_too_large", "length_re
                     "invalid_json_syntax", "invalid_json_data")
 _LOCAL_SAFETY_CODES = ("host_not_allowed", "cross_site_request")
 
-# What each test-support route answers besides its 200 (and the codes above).
-ADMIN_CODES = MappingProxyType({
+# What each route but the event routes answers besides its 200 (and the codes above).
+ROUTE_CODES = MappingProxyType({
+    ("/send_status/{op_id}", "GET"): ("invalid_op_id", "send_status_not_found"),
     ("/__admin/events", "GET"): ("invalid_filter",),
     ("/__admin/events/{event_id}", "GET"): ("event_not_found",),
     ("/__admin/requests", "GET"): ("invalid_filter",),
@@ -3387,17 +3472,15 @@ def _event_route_codes(line, action, thing_scoped):
 
 def route_codes(line, path, method):
     """Every code the route can answer in line: what its document lists."""
-    action = EVENT_ACTIONS.get(path)
-    if action is not None:
-        return _event_route_codes(line, action, path.startswith(THING_PREFIX))
+    route = ROUTES[path]
+    if route.action is not None:
+        return _event_route_codes(line, route.action, path != route.action)
     if method == "HEAD":
         method = "GET"
-    codes = [] if path in PUBLIC_PATHS else ["authentication_failed"]
-    if path == "/send_status/{op_id}":
-        codes += ["invalid_op_id", "send_status_not_found"]
-    if path == "/" or path.startswith(ADMIN_PREFIX):
+    codes = [] if route.public else ["authentication_failed"]
+    if route.guard is not None:
         codes += list(_LOCAL_SAFETY_CODES)
-    codes += list(ADMIN_CODES.get((path, method), ()))
+    codes += list(ROUTE_CODES.get((path, method), ()))
     return list(dict.fromkeys(codes + list(_ANY_ROUTE_CODES)))
 
 
@@ -3615,7 +3698,7 @@ def _responses(line, path, method):
     the codes it can carry, every one with its headers."""
     head = method == "HEAD"
     request_id = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
-    if path in EVENT_ACTIONS:
+    if ROUTES[path].action is not None:
         ok = {"$ref": "#/components/schemas/DispatchAnswer"}
     elif path == "/send_status/{op_id}":
         ok = _success_schema({"$ref": "#/components/schemas/SendStatus"})
@@ -3671,25 +3754,25 @@ def openapi_document(line, server="http://127.0.0.1:%d" % DEFAULT_PORT):
     """The OpenAPI 3.1 description of line (a LINES record), as a dict; server is
     the base URL it names (GET /__admin/openapi.json names the one it was fetched from)."""
     paths = {}
-    for path, methods in ROUTES.items():
-        if path in LINE_ROUTES and not getattr(line, LINE_ROUTES[path]):
+    for path, route in ROUTES.items():
+        if route.line_field is not None and not getattr(line, route.line_field):
             continue
         item = paths[path] = {}
         if "{" in path:
             name = path.split("{", 1)[1].split("}", 1)[0]
             item["parameters"] = [{"name": name, "in": "path", "required": True,
                                    "schema": _PATH_SEGMENT_SCHEMAS.get(name) or _text(min_chars=1)}]
-        for method in sorted(methods):
+        for method in sorted(route.methods):
             operation = {
                 "operationId": (method.lower() + path.replace("{", "").replace("}", "")
                                 .replace("/", "_").replace(".", "_")).rstrip("_"),
                 "tags": ["test-support" if path.startswith(ADMIN_PREFIX)
-                         else "events" if path in EVENT_ACTIONS else "gateway"],
+                         else "events" if route.action is not None else "gateway"],
                 "parameters": [{"$ref": "#/components/parameters/Accept-Language"}],
                 "responses": _responses(line, path, method)}
-            if path not in PUBLIC_PATHS:
+            if not route.public:
                 operation["security"] = [{}, {"bearer": []}]
-            action = EVENT_ACTIONS.get(path)
+            action = route.action
             if action is not None:
                 operation["summary"] = {CREATE: "open an event", UPDATE: "change an open event",
                                         CLOSE: "close an open event"}[action]
@@ -3704,7 +3787,7 @@ def openapi_document(line, server="http://127.0.0.1:%d" % DEFAULT_PORT):
                     "schema": {"$ref": "#/components/schemas/%sRequest" % action.rsplit(
                         "/", 1)[1].capitalize()},
                     **({"examples": _example_bodies()} if action == CREATE else {})}}}
-            elif method == "POST" and path not in BODYLESS_POSTS:
+            elif method == "POST" and route.json_body:
                 operation["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"type": "object"}}}}
             item[method.lower()] = operation
@@ -3744,6 +3827,9 @@ def openapi_document(line, server="http://127.0.0.1:%d" % DEFAULT_PORT):
 # HTTP shell ####################################################################
 
 _REASONS = MappingProxyType({status.value: status.phrase for status in http.HTTPStatus})
+
+_HTTP_VERSION = re.compile(r"HTTP/[0-9]+\.[0-9]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 token
 
 # Fixed sentences for what the stdlib's parser refuses (never the submitted bytes).
 _SHELL_MESSAGES = MappingProxyType({
@@ -3882,19 +3968,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(505 if _HTTP_VERSION.fullmatch(version) else 400)
             return False
         self.request_version = version
-        headers = self.headers = {}
+        headers = self.headers = LowerCaseHeaders()
         head_bytes = 0
         for _ in range(MAX_HEADER_LINES + 1):
-            line = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
-            if line in (b"\r\n", b"\n"):
+            head_line = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
+            if head_line in (b"\r\n", b"\n"):
                 break
-            if not line:
+            if not head_line:
                 return False                   # the client went away mid-head
-            head_bytes += len(line)
-            if len(line) > MAX_HEAD_LINE_BYTES or head_bytes > MAX_HEAD_BYTES:
+            head_bytes += len(head_line)
+            if len(head_line) > MAX_HEAD_LINE_BYTES or head_bytes > MAX_HEAD_BYTES:
                 self.send_error(431)
                 return False
-            name, colon, value = line.decode("latin-1").partition(":")
+            name, colon, value = head_line.decode("latin-1").partition(":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 self.send_error(400)
                 return False
@@ -3927,10 +4013,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # The stdlib answers a method with no do_<METHOD> with an HTML 501; here
         # every method (PUT, PATCH, BREW...) reaches the gateway, which says 405.
         if name.startswith("do_"):
-            return self._serve
+            return self._relay
         raise AttributeError(name)
 
-    def _serve(self):
+    def _relay(self):
+        """Read the body the head declares, hand the request to the gateway, send its answer."""
         gateway = self.server.gateway
         headers = self.headers
         try:
@@ -3967,20 +4054,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if body is not None and len(body) > MAX_BODY_BYTES:
             self.close_connection = True    # the rest of a chunked body is left unread
-        self._send(gateway._handle_lowered(self.command, self.path, headers, body,
+        self._send(gateway.handle(self.command, self.path, headers, body,
                                            self.client_address[0]))
 
     # The methods the routes take, found without a call to __getattr__.
-    do_GET = do_HEAD = do_POST = do_DELETE = _serve
+    do_GET = do_HEAD = do_POST = do_DELETE = _relay
 
     def _read_chunked(self):
         """A chunked body, decoded up to one byte over MAX_BODY_BYTES."""
         body = bytearray()
         while True:
-            line = self.rfile.readline(MAX_CHUNK_LINE_BYTES)
-            if not line.endswith(b"\n"):
+            size_line = self.rfile.readline(MAX_CHUNK_LINE_BYTES)
+            if not size_line.endswith(b"\n"):
                 raise _BadFraming("chunk size line is missing or too long")
-            size_text = line.split(b";", 1)[0].strip()
+            size_text = size_line.split(b";", 1)[0].strip()
             if not size_text or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
                 raise _BadFraming("chunk size must be hexadecimal")
             size = int(size_text, 16)

@@ -1147,7 +1147,7 @@ def test_dispatch_answer_is_exactly_json_dumps(line, thing_id):
     values = {"channel_id": CHANNEL, "op_id": "op:1_A-z", "event_id": "e" * 32,
               "thing_id": thing_id, "accepted": True}
     data = {key: values[key] for key in SUCCESS_KEYS[line] if values[key] is not None}
-    templates, picks = eg._dispatch_answers(eg.LINES[line]), eg._answer_picks(eg.LINES[line])
+    templates, picks = eg._success_templates(eg.LINES[line]), eg._success_template_ids(eg.LINES[line])
     which = 1 if thing_id is None else 0
     ids = (CHANNEL, "op:1_A-z", "e" * 32, thing_id)
     answer = templates[which] % picks[which](ids)
@@ -1757,8 +1757,8 @@ def test_absolute_form_target_is_reduced_to_its_path(gw, target):
     assert status == 200, envelope
 
 
-GET_PATHS = [path.replace("{event_id}", "nope") for path, methods in eg.ROUTES.items()
-             if "GET" in methods]
+GET_PATHS = [path.replace("{event_id}", "nope") for path, route in eg.ROUTES.items()
+             if "GET" in route.methods]
 
 
 @LOCAL_ONLY
@@ -2926,7 +2926,7 @@ def test_wait_times_out_with_what_there_is(gw):
 
 @LOCAL_ONLY
 def test_waits_end_when_the_gateway_stops(gw):
-    waiting = in_thread(lambda: gw._wait(gw.store, gw.store.matching, 5, 30))
+    waiting = in_thread(lambda: gw._wait(gw.store, gw.store.find, 5, 30))
     gw.stop_waiting()
     assert waiting() == []
 
@@ -4089,8 +4089,8 @@ def test_opening_the_page_leaves_the_journal_empty(live):
 
 # Every test-support route with every method it takes, as a browser could send it.
 ADMIN_REQUESTS = [(method, path.replace("{event_id}", "e1").replace("{op_id}", "op-1"))
-                  for path, methods in eg.ROUTES.items() if path.startswith(eg.ADMIN_PREFIX)
-                  for method in sorted(methods)] + [("GET", "/"), ("HEAD", "/")]
+                  for path, route in eg.ROUTES.items() if path.startswith(eg.ADMIN_PREFIX)
+                  for method in sorted(route.methods)] + [("GET", "/"), ("HEAD", "/")]
 
 
 def raw_request(url, method, path, headers, body=b""):
@@ -4910,8 +4910,9 @@ def documented(document, route, method, status, code):
 @pytest.mark.parametrize("line", list(eg.LINES))
 def test_openapi_lists_every_route_of_the_line_and_only_those(line):
     document = openapi(line)
-    expected = {path: {method.lower() for method in methods} for path, methods in eg.ROUTES.items()
-                if path not in eg.LINE_ROUTES or getattr(eg.LINES[line], eg.LINE_ROUTES[path])}
+    expected = {path: {method.lower() for method in route.methods}
+                for path, route in eg.ROUTES.items()
+                if route.line_field is None or getattr(eg.LINES[line], route.line_field)}
     assert {path: set(item) - {"parameters"} for path, item in document["paths"].items()} == expected
     assert document["openapi"] == "3.1.0" and document["info"]["version"] == eg.__version__
 
