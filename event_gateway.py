@@ -2504,15 +2504,18 @@ class FaultQueue:
 # request's path through the processing order (a map opens that part), the
 # answer's bookkeeping, and last the routes that are not event routes.
 
-class LowerCaseHeaders(dict):
+class _LowerCaseHeaders(dict):
     """Request headers whose names are lower-case already (the HTTP shell makes
     them so as it reads them): handle() takes them as they are."""
 
 
 def _lower_headers(headers):
-    """Header names lower-cased once; accepts a mapping or (name, value) pairs."""
+    """Header names lower-cased once; accepts a mapping or (name, value) pairs.
+    The HTTP shell's headers come lower-cased already, and are taken as they are."""
+    if type(headers) is _LowerCaseHeaders:
+        return headers
     items = headers.items() if hasattr(headers, "items") else headers
-    return LowerCaseHeaders((name.lower(), value) for name, value in items)
+    return {name.lower(): value for name, value in items}
 
 
 _CONTENT_LENGTH = re.compile(r"[0-9]+")
@@ -2807,19 +2810,22 @@ class EventGateway:
     # -- one request ---------------------------------------------------------------
     #
     # The call path of one request reads down from here, in the numbered order of
-    # the module's docstring:
-    #   handle()                   the entry, for the HTTP shell and for embedders
-    #     _answer()                runs the steps, then journals, logs and answers
-    #       _steps()               the order itself:
-    #         _find_route          step 1, and 1a _check_local_safety, 2 _check_token,
-    #         _check_method        3, then 2a and a fault's strike (_count_and_strike),
-    #         _check_content_type  4, 5 _check_body_size, 6-7 parse_json_body, then
-    #         the route's method:  for an event route _event_steps(): 8 _known_fields,
-    #                              8a _path_thing, 9 _check_forbidden_fields,
-    #                              10 _authenticate_channel, 11 _check_required_fields,
-    #                              12 _checked_fields, then EventStore.dispatch() does
-    #                              13-16 under the store's lock (section "Store").
-    #   check_head() runs steps 1-5 from a request's head, refuse() answers broken HTTP.
+    # the module's docstring, each step a method:
+    #   handle()                  the entry, for the HTTP shell and for embedders
+    #     _answer()               runs _steps(), then journals, logs and answers
+    #       _steps()              the order itself:
+    #         _steps_1_to_3()     1 _find_route, 1a _check_local_safety, 2 _check_token,
+    #                             3 _check_method
+    #         _count_and_strike() 2a _count_rate, then a queued fault's strike
+    #         _steps_4_and_5()    4 _check_content_type, 5 the body's length
+    #         parse_json_body()   6-7 (section "Strict JSON and small helpers")
+    #         the route's method  for an event route _event_steps(): 8 _known_fields,
+    #                             8a _path_thing, 9 _check_forbidden_fields,
+    #                             10 _authenticate_channel, 11 _check_required_fields,
+    #                             12 _checked_fields, then EventStore.dispatch() does
+    #                             13-16 under the store's lock (section "Store")
+    #   check_head()              steps 1-5 from a request's head (_steps_from_head)
+    #   refuse()                  the shell's own refusal of broken HTTP framing
     # After the steps: _answer()'s bookkeeping (the error body, the journal, the log
     # line), then the routes that are not event routes.
     #
@@ -2845,9 +2851,7 @@ class EventGateway:
         as a crashed proxy would.  Embedders that call handle() directly see
         the same None.  It can block: see the map above.
         """
-        if type(headers) is not LowerCaseHeaders:
-            headers = _lower_headers(headers)
-        request = _Request(method, target, headers, client)
+        request = _Request(method, target, _lower_headers(headers), client)
         return self._answer(request, self._steps, body, body,
                             None if body is None else len(body))
 
@@ -3284,7 +3288,7 @@ class EventGateway:
         self.log.write(" ".join(part for part in (head, middle, tail) if part) + "\n")
         self.log.flush()
 
-    # --     # -- liveness, the page and the test-support routes ------------------------------
+    # -- the other routes: send status, liveness, the page, test support -----------
 
     def _route_healthz(self, request):
         return {"status": "ok"}
@@ -3968,7 +3972,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(505 if _HTTP_VERSION.fullmatch(version) else 400)
             return False
         self.request_version = version
-        headers = self.headers = LowerCaseHeaders()
+        headers = self.headers = _LowerCaseHeaders()
         head_bytes = 0
         for _ in range(MAX_HEADER_LINES + 1):
             head_line = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
