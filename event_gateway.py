@@ -86,10 +86,11 @@ each answer that differs whether the contract states it (STATED_REASONS) or
 something drifted.
 
 Reading order: limits, the production lines (and the reasons two gateways may
-differ), error codes, strict JSON, the field rules, the route table, the event
-store, the request journal, the channels, the faults, the core, the OpenAPI
-description, the HTTP shell, the test helper, comparing with another gateway,
-the command line and, last, the live page.
+differ), error codes, the envelope, strict JSON, the field rules, the route
+table, the event store, the request journal, the channels, the faults, the core
+(one request's steps 1-12 in order, with a map), the OpenAPI description, the
+HTTP shell, the test helper, comparing with another gateway, the command line
+and, last, the live page.
 ``grep -n '^# .*###' event_gateway.py`` prints the table of contents.
 """
 
@@ -130,7 +131,7 @@ from types import MappingProxyType
 __all__ = ["EventGateway", "GatewayError", "LINES", "make_server", "serve_in_thread", "main"]
 
 # A change that a client sees changes this version (semantic versioning).
-__version__ = "3.1.0"
+__version__ = "3.2.0"
 
 
 # Limits and defaults ###########################################################
@@ -138,7 +139,7 @@ __version__ = "3.1.0"
 # "prod" marks a figure that both production lines share (LINES: 1.2 and 1.3),
 # "the page" one from the public API page; the rest are this gateway's own.
 
-MAX_BODY_BYTES = 32768        # step 5 (prod): larger bodies get 413 before being read
+MAX_BODY_BYTES = 32768        # step 5 (prod's limit): a larger body is 413 here, refused unread
 MAX_JSON_DEPTH = 32           # step 6: objects and arrays each count; the top-level object is 1
 MAX_INT_DIGITS = 4300         # CPython's own limit since 3.11: parsing longer integers is quadratic
 MAX_TOKEN_CHARS = 4096        # step 2: longest bearer token accepted
@@ -1258,6 +1259,32 @@ FIELD_RULES = (
     ("metadata", check_metadata),
 )
 
+# The codes each field's rule can answer (steps 10-12), which the OpenAPI
+# description lists for each event route with FORBIDDEN_FIELDS and REQUIRED_FIELDS.
+FIELD_CODES = MappingProxyType({
+    "channel_id": ("channel_id_required", "invalid_channel_id"),
+    "password": ("password_required", "invalid_password"),
+    "op_id": ("invalid_op_id",),
+    "thing_id": ("invalid_thing_id",),
+    "ciphertext": ("invalid_ciphertext",),
+    "event_id": ("event_id_required", "invalid_event_id"),
+    "title": ("invalid_title",),
+    "description": ("invalid_description",),
+    "status": ("invalid_status",),
+    "message": ("invalid_message",),
+    "severity": ("invalid_severity",),
+    "event_time": ("event_time_required", "invalid_event_time"),
+    "started_at": ("invalid_started_at",),
+    "ended_at": ("invalid_ended_at",),
+    "tags": ("invalid_tags",),
+    "images": ("invalid_images",),
+    "attrs": ("invalid_attrs", "extension_object_key_required",
+              "extension_object_arrays_unsupported", "extension_object_nested_object_unsupported"),
+    "metadata": ("invalid_metadata", "metadata_value_scalar_required", "metadata_key_required",
+                 "metadata_key_too_long", "metadata_key_duplicate", "metadata_value_required",
+                 "metadata_value_too_long"),
+})
+
 # Fields that production refuses as null, where every other null counts as absent.
 NOT_NULL_FIELDS = MappingProxyType({"images": "invalid_images", "attrs": "invalid_attrs"})
 
@@ -1342,8 +1369,8 @@ THING_PREFIX = "/thing/"
 #   guard       step 1a: "host" (only this machine's names may reach it), "site" (and
 #               never a request another web site made a browser send), or None
 #   public      step 2: answered without the gateway token
-#   json_body   step 4: a POST takes a JSON body (a body sent to the others is read,
-#               up to step 5's limit, and ignored)
+#   json_body   step 4: its POST takes a JSON body (a body sent to any other route or
+#               method is read, up to step 5's limit, and ignored)
 #   journaled   kept by the request journal and a recording (watching the gateway and
 #               probing it must not fill them)
 # The /__admin/ routes are test support, not part of the PushGo API.
@@ -1354,11 +1381,13 @@ Route = collections.namedtuple("Route", (
 
 def _route(path, methods, line_field=None, guard=None, public=False, json_body=True,
            journaled=True):
+    """A row of ROUTES: a route that takes GET takes HEAD (the same status and
+    headers, no body); its action and Allow header follow from its path and methods."""
     if "GET" in methods:
         methods = dict(methods, HEAD=methods["GET"])
     action = path[path.index("/event/"):] if "/event/" in path else None
     return Route(path, MappingProxyType(methods), ", ".join(sorted(methods)), action,
-                 line_field, guard, public, json_body, journaled)
+                 line_field, guard, public, json_body and "POST" in methods, journaled)
 
 
 _TEST_SUPPORT = {"guard": "site", "journaled": False}
@@ -2504,16 +2533,8 @@ class FaultQueue:
 # request's path through the processing order (a map opens that part), the
 # answer's bookkeeping, and last the routes that are not event routes.
 
-class _LowerCaseHeaders(dict):
-    """Request headers whose names are lower-case already (the HTTP shell makes
-    them so as it reads them): handle() takes them as they are."""
-
-
 def _lower_headers(headers):
-    """Header names lower-cased once; accepts a mapping or (name, value) pairs.
-    The HTTP shell's headers come lower-cased already, and are taken as they are."""
-    if type(headers) is _LowerCaseHeaders:
-        return headers
+    """Header names lower-cased once; accepts a mapping or (name, value) pairs."""
     items = headers.items() if hasattr(headers, "items") else headers
     return {name.lower(): value for name, value in items}
 
@@ -3396,34 +3417,8 @@ class EventGateway:
 #
 # GET /__admin/openapi.json (and --openapi) answers an OpenAPI 3.1 document of the
 # running line, built from the tables above (ROUTES, the limits of the field
-# rules, FIELD_CODES, ERRORS, LINES), never written out by hand: a change to a
+# rules and FIELD_CODES, ERRORS, LINES), never written out by hand: a change to a
 # rule changes the document.  It is built once per gateway, when first asked for.
-
-# The codes each field's rule can answer (steps 10-12): with FORBIDDEN_FIELDS and
-# REQUIRED_FIELDS, what an event route's 400s document.
-FIELD_CODES = MappingProxyType({
-    "channel_id": ("channel_id_required", "invalid_channel_id"),
-    "password": ("password_required", "invalid_password"),
-    "op_id": ("invalid_op_id",),
-    "thing_id": ("invalid_thing_id",),
-    "ciphertext": ("invalid_ciphertext",),
-    "event_id": ("event_id_required", "invalid_event_id"),
-    "title": ("invalid_title",),
-    "description": ("invalid_description",),
-    "status": ("invalid_status",),
-    "message": ("invalid_message",),
-    "severity": ("invalid_severity",),
-    "event_time": ("event_time_required", "invalid_event_time"),
-    "started_at": ("invalid_started_at",),
-    "ended_at": ("invalid_ended_at",),
-    "tags": ("invalid_tags",),
-    "images": ("invalid_images",),
-    "attrs": ("invalid_attrs", "extension_object_key_required",
-              "extension_object_arrays_unsupported", "extension_object_nested_object_unsupported"),
-    "metadata": ("invalid_metadata", "metadata_value_scalar_required", "metadata_key_required",
-                 "metadata_key_too_long", "metadata_key_duplicate", "metadata_value_required",
-                 "metadata_value_too_long"),
-})
 
 # What any request may be answered, whatever its route: broken HTTP (the shell),
 # and a bug in this module.
@@ -3972,7 +3967,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(505 if _HTTP_VERSION.fullmatch(version) else 400)
             return False
         self.request_version = version
-        headers = self.headers = _LowerCaseHeaders()
+        headers = self.headers = {}
         head_bytes = 0
         for _ in range(MAX_HEADER_LINES + 1):
             head_line = self.rfile.readline(MAX_HEAD_LINE_BYTES + 1)
@@ -5628,7 +5623,7 @@ def _serve_until_stopped(parser, args, token, channels, stdout, stderr, record):
 
 
 
-# The live page ###############################################################
+# The live page ################################################################
 #
 # GET / serves this one self-contained page, for the person running the gateway
 # on a laptop: open http://127.0.0.1:8666/ (with --port 8666) and watch a client work.  It shows

@@ -1025,6 +1025,19 @@ def test_missing_length_refused_from_the_head(gw):
     assert gw.check_head("POST", eg.CREATE, chunked) is None
 
 
+@LOCAL_ONLY
+def test_the_head_and_the_body_agree_on_a_post_that_takes_no_body(gw):
+    # The reset takes no body: from the head (Expect: 100-continue) as with the body, a
+    # missing length is no refusal (3.1.0 answered 411 from the head only).
+    headers = {"Host": "127.0.0.1", "Expect": "100-continue"}
+    assert gw.check_head("POST", "/__admin/reset", headers) is None
+    assert gw.handle("POST", "/__admin/reset", headers, None)[0] == 200
+    # A body over the limit is refused from the head there too, as on every route.
+    big = dict(headers, **{"Content-Length": str(eg.MAX_BODY_BYTES + 1)})
+    status, _, payload = gw.check_head("POST", "/__admin/reset", big)
+    assert (status, json.loads(payload)["error_code"]) == (413, "payload_too_large")
+
+
 def nested(depth):
     """A valid create body whose deepest value is `depth` levels deep (attrs is level 2)."""
     inner = "[" * (depth - 2) + "1" + "]" * (depth - 2)
