@@ -3026,7 +3026,7 @@ class EventGateway:
             if length is None:                                  # 5
                 raise GatewayError("length_required", "send the body with a Content-Length "
                                    "header or chunked transfer encoding")
-        if length is not None and length > MAX_BODY_BYTES:     # 5: read, then ignored if allowed
+        if length is not None and length > MAX_BODY_BYTES:     # 5, also where a body is ignored
             raise GatewayError("payload_too_large",
                                "body is larger than %d bytes" % MAX_BODY_BYTES)
 
