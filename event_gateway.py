@@ -131,7 +131,7 @@ from types import MappingProxyType
 __all__ = ["EventGateway", "GatewayError", "LINES", "make_server", "serve_in_thread", "main"]
 
 # A change that a client sees changes this version (semantic versioning).
-__version__ = "3.2.0"
+__version__ = "3.2.1"
 
 
 # Limits and defaults ###########################################################
@@ -4614,14 +4614,30 @@ def _parsed(text):
         return None
 
 
+def _code_in(status, doc):
+    """The error_code of an error answer, from its body as _parsed() gave it."""
+    if status is not None and status >= 400 and isinstance(doc, dict):
+        return doc.get("error_code")
+    return None
+
+
 def _code_of(status, body):
-    doc = _parsed(body) if status is not None and status >= 400 and body else None
-    return doc.get("error_code") if isinstance(doc, dict) else None
+    return _code_in(status, _parsed(body) if status is not None and status >= 400 and body
+                    else None)
 
 
 def disagreement(recorded, answered):
     """(kind or None, places) of two answers, each {"status", "headers", "body"}
     (answered None: no answer).  places name where a shape differs."""
+    if answered is None:
+        return _disagreement(recorded, None, None, None)
+    return _disagreement(recorded, answered, _parsed(recorded["body"]),
+                         _parsed(answered["body"]))
+
+
+def _disagreement(recorded, answered, left, right):
+    """disagreement() with the two bodies parsed once, by the caller (left: the
+    recorded answer's, right: the target's)."""
     if answered is None:
         return (None if recorded["status"] is None else "no_answer"), []
     status, other = recorded["status"], answered["status"]
@@ -4631,10 +4647,9 @@ def disagreement(recorded, answered):
         return ("target_refuses" if accepted else "target_accepts"), []
     if status != other:
         return "status", []
-    if _code_of(status, recorded["body"]) != _code_of(other, answered["body"]):
+    if _code_in(status, left) != _code_in(other, right):
         return "code", []
     places = []
-    left, right = _parsed(recorded["body"]), _parsed(answered["body"])
     if (left is None) != (right is None) or (left is None and recorded["body"] != answered["body"]):
         places.append("/")
     elif left is not None:
@@ -4650,17 +4665,18 @@ def disagreement(recorded, answered):
     return ("shape" if places else None), places
 
 
-def stated_reasons(kind, places, exchange, target_line, answered):
+def stated_reasons(kind, places, exchange, target_line, answered, codes):
     """The names of the reasons that state this disagreement ("V3, V4"), or None.
 
-    A disagreement of status or code takes the first reason that explains it; one
+    codes are the error codes of the recorded answer and of the target's.  A
+    disagreement of status or code takes the first reason that explains it; one
     of shape is stated only when each place where it differs has a reason."""
     if kind != "shape":
-        reason = _stated_reason(kind, places, exchange, target_line, answered)
+        reason = _stated_reason(kind, places, exchange, target_line, answered, codes)
         return None if reason is None else reason.name
     names = []
     for place in places:
-        reason = _stated_reason(kind, [place], exchange, target_line, answered)
+        reason = _stated_reason(kind, [place], exchange, target_line, answered, codes)
         if reason is None:
             return None
         if reason.name not in names:
@@ -4678,11 +4694,10 @@ def _has_code(answer, code, codes):
     return code in codes
 
 
-def _stated_reason(kind, places, exchange, target_line, answered):
+def _stated_reason(kind, places, exchange, target_line, answered, codes):
     """The first reason of STATED_REASONS that explains this disagreement, or None."""
     recorded = exchange["answer"]
-    recorded_code = _code_of(recorded["status"], recorded["body"])
-    target_code = None if answered is None else _code_of(answered["status"], answered["body"])
+    recorded_code, target_code = codes
     path = exchange["target"].split("?", 1)[0]
     for reason in STATED_REASONS:
         if kind not in reason.kinds:
@@ -4980,13 +4995,12 @@ class Replay:
             headers[name] = value
         return headers
 
-    def learn(self, exchange, answered, seq, body):
-        """Ids the recording's gateway generated (body: the request's, parsed), mapped
-        to the target's."""
-        recorded = _parsed(exchange["answer"]["body"])
+    def learn(self, exchange, recorded, theirs, seq, body):
+        """Ids the recording's gateway generated, mapped to the target's; recorded,
+        theirs and body are the recorded answer's, the target's and the request's
+        bodies, parsed (None: none, or not JSON)."""
         if not (isinstance(recorded, dict) and isinstance(recorded.get("data"), dict)):
             return
-        theirs = _parsed(answered["body"]) if answered is not None else None
         theirs = theirs.get("data") if isinstance(theirs, dict) else None
         sent_op_id = body.get("op_id") if isinstance(body, dict) else None
         for key in ("event_id", "op_id"):
@@ -5041,10 +5055,11 @@ def replay(path, target, passwords, token, pace=None, progress=None, sleep=time.
 def _judged(state, target, exchange, verdicts, sleep):
     seq = exchange.get("seq")
     recorded = exchange["answer"]
+    recorded_doc = _parsed(recorded["body"])        # each body is parsed once, in this function
     route = exchange["target"].split("?", 1)[0]
     result = {"seq": seq, "line": exchange["line"], "method": exchange["method"],
               "target": exchange["target"], "route": route,
-              "recorded": [recorded["status"], _code_of(recorded["status"], recorded["body"])],
+              "recorded": [recorded["status"], _code_in(recorded["status"], recorded_doc)],
               "answered": None, "kind": None, "verdict": "agree", "reason": None,
               "follows_from": None}
     if (not exchange["method"] or not route
@@ -5065,13 +5080,16 @@ def _judged(state, target, exchange, verdicts, sleep):
             answered = None             # still limited after 3 minutes: no answer
             break
         _wait_for_next_minute(sleep=sleep)      # the target's rate limit: not a disagreement
-    sent = _parsed(exchange.get("body") or "")         # the recorded request, parsed once
-    state.learn(exchange, answered, seq, sent)
-    if answered is not None and target.line is None:
-        target.line = _line_of_success(answered)
+    sent = _parsed(exchange.get("body") or "")         # the recorded request
+    answered_doc = answered_code = None
     if answered is not None:
-        result["answered"] = [answered["status"], _code_of(answered["status"], answered["body"])]
-    kind, places = disagreement(recorded, answered)
+        answered_doc = _parsed(answered["body"])
+        answered_code = _code_in(answered["status"], answered_doc)
+        result["answered"] = [answered["status"], answered_code]
+        if target.line is None:
+            target.line = _line_of_success(answered["status"], answered_doc)
+    state.learn(exchange, recorded_doc, answered_doc, seq, sent)
+    kind, places = _disagreement(recorded, answered, recorded_doc, answered_doc)
     if kind is None:
         return result
     result["kind"] = kind
@@ -5080,7 +5098,8 @@ def _judged(state, target, exchange, verdicts, sleep):
         result["follows_from"] = follows
         result["verdict"], result["reason"] = verdicts[follows]
     else:
-        reason = stated_reasons(kind, places, exchange, target.line or DEFAULT_LINE, answered)
+        reason = stated_reasons(kind, places, exchange, target.line or DEFAULT_LINE, answered,
+                                (result["recorded"][1], answered_code))
         result["verdict"] = "unstated" if reason is None else "stated"
         result["reason"] = reason
         if reason is None:
@@ -5092,10 +5111,10 @@ def _judged(state, target, exchange, verdicts, sleep):
     return result
 
 
-def _line_of_success(answered):
-    """A target's line from a success's data (V3): line 1.2 says "accepted"."""
-    doc = _parsed(answered["body"]) if answered["status"] == 200 else None
-    data = doc.get("data") if isinstance(doc, dict) else None
+def _line_of_success(status, doc):
+    """A target's line from a success's data (V3; doc: its body, parsed): line 1.2
+    says "accepted"."""
+    data = doc.get("data") if status == 200 and isinstance(doc, dict) else None
     if isinstance(data, dict) and "event_id" in data:
         return "1.2" if "accepted" in data else "1.3"
     return None
@@ -5135,10 +5154,12 @@ def _answer_text(pair):
 
 
 def run_compare(path, target, target_line=None, passwords=None, token=None, fail_on=KINDS,
-                json_path=None, pace=None, out=sys.stdout, err=sys.stderr, sleep=time.sleep):
+                json_path=None, pace=None, out=sys.stdout, err=sys.stderr, sleep=time.sleep,
+                seen=None):
     """Replay and judge a recording; prints the table and the summary line; returns the
-    exit status (0, 1, 3; a recording that cannot be read raises RecordingError)."""
-    seen = read_recording(path)
+    exit status (0, 1, 3; a recording that cannot be read raises RecordingError).
+    seen is what read_recording() said of it, when the caller has already read it."""
+    seen = read_recording(path) if seen is None else seen
     target.line = _target_line(target, target_line)
     counts = collections.Counter()
     groups = {}
@@ -5398,7 +5419,7 @@ def compare_main(argv):
                 channels=dict(passwords) or {EXAMPLE_CHANNEL_ID: EXAMPLE_CHANNEL_PASSWORD},
                 gateway_version=args.gateway_version, max_requests=0))
         return run_compare(args.recording, target, args.target_line, passwords, token,
-                           args.fail_on, args.json, args.pace, out, sys.stderr)
+                           args.fail_on, args.json, args.pace, out, sys.stderr, seen=seen)
     except RecordingError as error:
         parser.error(str(error))
     except OSError as error:
