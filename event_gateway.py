@@ -4629,10 +4629,8 @@ def _code_of(status, body):
 def disagreement(recorded, answered):
     """(kind or None, places) of two answers, each {"status", "headers", "body"}
     (answered None: no answer).  places name where a shape differs."""
-    if answered is None:
-        return _disagreement(recorded, None, None, None)
-    return _disagreement(recorded, answered, _parsed(recorded["body"]),
-                         _parsed(answered["body"]))
+    right = None if answered is None else _parsed(answered["body"])
+    return _disagreement(recorded, answered, _parsed(recorded["body"]), right)
 
 
 def _disagreement(recorded, answered, left, right):
